@@ -1,0 +1,173 @@
+"""RunCheckpointer (orbax) round-trips, retention, crash recovery; RecordLog durability semantics."""
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seal_jax.checkpoints import RecordLog, RunCheckpointer
+
+
+def _state(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "policy": {
+            "embed": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+            "layers": {"wq": jnp.asarray(rng.normal(size=(2, 4, 4)), jnp.bfloat16)},
+        },
+        "rng": jax.random.PRNGKey(seed),
+        "typed_rng": jax.random.key(seed + 100),
+        "counters": np.asarray([seed, 2 * seed], np.int64),
+    }
+
+
+def _assert_state_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        if jnp.issubdtype(w.dtype, jax.dtypes.prng_key):
+            assert jnp.issubdtype(g.dtype, jax.dtypes.prng_key)
+            g, w = jax.random.key_data(g), jax.random.key_data(w)
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def _meta(step):
+    return {"round": step, "completed_phases": ["sample", "train"][: step % 3],
+            "config": {"lr": 1e-3, "targets": ["q", "v"]}, "counters": {"candidates": 5 * step}}
+
+
+def test_save_restore_roundtrip_and_latest(tmp_path):
+    ckpt = RunCheckpointer(tmp_path / "ckpt", max_to_keep=5)
+    assert ckpt.latest_step() is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.restore()
+    for step in (0, 1, 2):
+        ckpt.save(step, _state(step), _meta(step))
+    assert ckpt.latest_step() == 2
+    ckpt.close()
+
+    # A fresh process would open the directory anew.
+    reopened = RunCheckpointer(tmp_path / "ckpt", max_to_keep=5)
+    state, meta = reopened.restore()
+    _assert_state_equal(state, _state(2))
+    assert meta == _meta(2)
+    state1, meta1 = reopened.restore(1)
+    _assert_state_equal(state1, _state(1))
+    assert meta1 == _meta(1)
+    assert reopened.restore_metadata(0) == _meta(0)
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        reopened.restore(7)
+
+
+def test_restore_into_abstract_target(tmp_path):
+    ckpt = RunCheckpointer(tmp_path)
+    want = _state(3)
+    ckpt.save(3, want, {"round": 3})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
+    state, meta = ckpt.restore(target=abstract)
+    _assert_state_equal(state, want)
+    assert meta == {"round": 3}
+
+
+def test_keeps_only_last_n(tmp_path):
+    ckpt = RunCheckpointer(tmp_path, max_to_keep=2)
+    for step in range(5):
+        ckpt.save(step, {"x": jnp.full((3,), step, jnp.float32)}, {"round": step})
+    assert ckpt.all_steps() == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["3", "4"]
+    state, _ = ckpt.restore(3)
+    np.testing.assert_array_equal(np.asarray(state["x"]), np.full((3,), 3.0))
+
+
+def test_rejects_non_increasing_step_and_bad_metadata(tmp_path):
+    ckpt = RunCheckpointer(tmp_path)
+    ckpt.save(4, {"x": jnp.zeros(2)}, {"round": 4})
+    with pytest.raises(ValueError, match="not after the latest saved step 4"):
+        ckpt.save(4, {"x": jnp.zeros(2)}, {})
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        ckpt.save(5, {"x": jnp.zeros(2)}, {"bad": object()})
+    assert ckpt.all_steps() == [4]
+
+
+# Orbax 0.12 names the in-progress directory `<step>.orbax-checkpoint-tmp`; older releases append a
+# timestamp. Both must be ignored.
+@pytest.mark.parametrize("tmp_name", ["2.orbax-checkpoint-tmp", "2.orbax-checkpoint-tmp-1700000000000000"])
+def test_unfinished_save_falls_back_to_previous(tmp_path, tmp_name):
+    """A crash between orbax's write and its atomic rename leaves a `<step>.orbax-checkpoint-tmp*` dir.
+
+    We produce exactly that layout from a real step-2 save (rename it back to orbax's temporary name and
+    damage its contents, as an interrupted write would) and check step 1 is what a restart sees.
+    """
+    root = tmp_path / "ckpt"
+    ckpt = RunCheckpointer(root)
+    ckpt.save(1, _state(1), _meta(1))
+    ckpt.save(2, _state(2), _meta(2))
+    ckpt.close()
+    tmp_dir = root / tmp_name
+    (root / "2").rename(tmp_dir)
+    for marker in tmp_dir.rglob("commit_success.txt"):
+        marker.unlink()
+    shutil.rmtree(tmp_dir / "state")
+
+    restarted = RunCheckpointer(root)
+    assert restarted.latest_step() == 1
+    state, meta = restarted.restore()
+    _assert_state_equal(state, _state(1))
+    assert meta == _meta(1)
+    assert not tmp_dir.exists(), "leftover temporary checkpoint should be cleaned up on reopen"
+    # The run continues and re-does step 2.
+    restarted.save(2, _state(22), _meta(2))
+    state2, _ = restarted.restore(2)
+    _assert_state_equal(state2, _state(22))
+
+
+def test_async_save_then_wait(tmp_path):
+    with RunCheckpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(0, _state(0), {"round": 0}, wait=False)
+        ckpt.wait_until_finished()
+        assert ckpt.latest_step() == 0
+    state, _ = RunCheckpointer(tmp_path).restore(0)
+    _assert_state_equal(state, _state(0))
+
+
+# --- RecordLog ------------------------------------------------------------------------------------
+
+def test_record_log_append_read(tmp_path):
+    log = RecordLog(tmp_path / "sub" / "records.jsonl")
+    assert log.read() == []
+    log.append({"round": 0, "candidate": 0, "reward": 0.5, "text": "line one\nline two"})
+    log.extend([{"round": 0, "candidate": k, "reward": k / 4} for k in (1, 2)])
+    got = RecordLog(tmp_path / "sub" / "records.jsonl").read()
+    assert [r["candidate"] for r in got] == [0, 1, 2]
+    assert got[0]["text"] == "line one\nline two"
+    assert len(log) == 3
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        log.append({"x": float("nan")})
+    with pytest.raises(TypeError, match="must be dicts"):
+        log.append([1, 2])
+    assert len(log) == 3
+
+
+def test_record_log_truncated_last_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    log = RecordLog(path)
+    log.extend([{"candidate": 0, "reward": 1.0}, {"candidate": 1, "reward": 0.0}])
+    full = json.dumps({"candidate": 2, "reward": 0.25}).encode()
+    with open(path, "ab") as f:  # a crash mid-append: half a record, no newline
+        f.write(full[: len(full) // 2])
+
+    reader = RecordLog(path)
+    assert [r["candidate"] for r in reader.read()] == [0, 1]
+    # The resumed driver re-does candidate 2; the half line must not corrupt the new record.
+    reader.append({"candidate": 2, "reward": 0.25})
+    assert [r["candidate"] for r in RecordLog(path).read()] == [0, 1, 2]
+    assert path.read_bytes().count(b"\n") == 3
+
+
+def test_record_log_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"candidate": 0}\n{"candid\n{"candidate": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        RecordLog(path).read()
