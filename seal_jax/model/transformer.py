@@ -1,0 +1,452 @@
+"""Decoder-only Llama / Qwen2 transformer in Flax linen, behind a small pure-function API.
+
+The public API (docs/DESIGN.md §1) is `init_params`, `forward`, `forward_with_cache`, `init_cache`,
+`param_logical_axes` and `KVCache`. Callers never touch the linen modules: parameters are a plain nested
+dict and every function takes them as an argument, so `jax.jit` / `jax.vmap` compose freely.
+
+Layout choices, and why:
+* Layers run under `nn.scan`: their weights are stacked on a leading `L` axis and the compiled program
+  contains the layer body once, so compile time does not grow with depth (28 layers for Qwen2.5-7B).
+  `cfg.remat` wraps the layer in `nn.remat` to trade recompute for activation memory.
+* LoRA is *not* a linen variable. It is a separate pytree passed through the scan as a scanned input,
+  so the frozen base (`params`) and the adapters stay apart and `jax.vmap` can map over `lora` while
+  `params` are shared (one resident base, K candidate adapters).
+* The KV cache is also a scanned input/output of the layer scan ([L, B, S, KV, Dh]).
+* Normalisation statistics, RoPE angles, attention softmax and the returned logits are float32 whatever
+  the compute dtype; matmul inputs are in `cfg.compute_dtype`.
+
+Parameter tree (`Params`), projection kernels are [in, out]:
+    embed/embedding [V, D]
+    layers/attn_norm/scale [L, D]      layers/mlp_norm/scale [L, D]
+    layers/attn/{q,k,v,o}/kernel [L, in, out]   layers/attn/{q,k,v}/bias [L, out] (Qwen2 only)
+    layers/mlp/{gate,up,down}/kernel [L, in, out]
+    final_norm/scale [D]
+    lm_head [D, V]                     (only when embeddings are untied)
+`PROJECTION_PATHS[target]` gives the path of each LoRA-able kernel inside `params["layers"]`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from seal_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig
+
+Params = dict
+Lora = dict
+
+# Where each projection lives inside params["layers"]; LoRA targets use the same names.
+PROJECTION_PATHS = {
+    "q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
+    "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down"),
+}
+# Large finite negative logit for masked keys: a fully-masked row (padding query) then gets a uniform
+# softmax instead of NaN, and its (finite) output is zeroed afterwards.
+_MASK_VALUE = -1e30
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values of the tokens seen so far. `cursor` is the next slot to write (shared)."""
+
+    k: jax.Array  # [L, B, S, KV, Dh]
+    v: jax.Array  # [L, B, S, KV, Dh]
+    valid_BxS: jax.Array  # bool: slot holds a real token
+    cursor: jax.Array  # int32 scalar
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [Dh/2], float32, incl. Llama-3 scaling (as HF's rope_init_fn)."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BxT: jax.Array):
+    """cos, sin tables [B, T, Dh] in float32, HF rotate-half layout (frequencies repeated twice)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTxH = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)
+    return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+    x = x_BxTxNxH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_BxTxH[:, :, None, :] + rotated * sin_BxTxH[:, :, None, :]
+    return out.astype(x_BxTxNxH.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.cfg.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        dtype = self.cfg.dtype
+        return normed.astype(dtype) * scale.astype(dtype)
+
+
+def _lora_delta(x_BxTxI, a, b, dropout_mask_fn):
+    """x @ A @ B for a shared ([in, r]) or row-grouped ([G, in, r]) adapter, in x's dtype."""
+    dtype = x_BxTxI.dtype
+    x = dropout_mask_fn(x_BxTxI)
+    a, b = a.astype(dtype), b.astype(dtype)
+    if a.ndim == 2:
+        return x @ a @ b
+    groups = a.shape[0]
+    batch = x.shape[0]
+    if batch % groups:
+        raise ValueError(f"batch of {batch} rows cannot be split into {groups} LoRA groups")
+    x_GxBxTxI = x.reshape(groups, batch // groups, *x.shape[1:])
+    h_GxBxTxR = jnp.einsum("gbti,gir->gbtr", x_GxBxTxI, a)
+    y_GxBxTxO = jnp.einsum("gbtr,gro->gbto", h_GxBxTxR, b)
+    return y_GxBxTxO.reshape(batch, *y_GxBxTxO.shape[2:])
+
+
+class Projection(nn.Module):
+    """y = x @ W (+ bias) (+ scale * dropout(x) @ A @ B when this target carries a LoRA adapter)."""
+
+    cfg: ModelConfig
+    features: int
+    use_bias: bool = False
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, lora_ab: Optional[dict] = None):
+        cfg = self.cfg
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                            cfg.param_dtype)
+        y = x @ kernel.astype(cfg.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype)
+        if lora_ab is not None:
+            def dropout(v):
+                if self.deterministic or self.lora_dropout == 0.0:
+                    return v
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, v.shape)
+                return jnp.where(keep, v / (1.0 - self.lora_dropout), 0).astype(v.dtype)
+
+            delta = _lora_delta(x, lora_ab["a"], lora_ab["b"], dropout)
+            y = y + (self.lora_scale * delta).astype(cfg.dtype)
+        return y
+
+
+def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Grouped-query attention over a boolean mask; rows with no visible key return zeros."""
+    batch, t, n_heads, head_dim = q_BxTxNxH.shape
+    n_kv = k_BxSxKxH.shape[2]
+    scale = 1.0 / math.sqrt(head_dim)
+    if cfg.attention_impl == "cudnn":
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=scale,
+            implementation="cudnn")
+    elif cfg.attention_impl == "xla":
+        q_BxTxKxGxH = q_BxTxNxH.reshape(batch, t, n_kv, n_heads // n_kv, head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                            preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+        out_BxTxNxH = out.reshape(batch, t, n_heads, head_dim)
+    else:
+        raise ValueError(f"unknown attention_impl {cfg.attention_impl!r}; use 'xla' or 'cudnn'")
+    # A padding query sees no key; its output is meaningless. Zero it so that it can never turn into
+    # NaN/Inf that would leak into real rows through 0 * NaN in later layers.
+    has_key_BxT = jnp.any(mask_BxTxS, axis=-1)
+    return jnp.where(has_key_BxT[..., None, None], out_BxTxNxH, 0).astype(q_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h_BxTxD, lora, xs, ctx):
+        cfg = self.cfg
+        proj = functools.partial(Projection, cfg, lora_scale=self.lora_scale,
+                                 lora_dropout=self.lora_dropout, deterministic=self.deterministic)
+        batch, t, _ = h_BxTxD.shape
+        q = proj(cfg.q_dim, use_bias=cfg.attention_bias, name="q")(h_BxTxD, lora.get("q"))
+        k = proj(cfg.kv_dim, use_bias=cfg.attention_bias, name="k")(h_BxTxD, lora.get("k"))
+        v = proj(cfg.kv_dim, use_bias=cfg.attention_bias, name="v")(h_BxTxD, lora.get("v"))
+        q_BxTxNxH = apply_rope(q.reshape(batch, t, cfg.num_heads, cfg.head_dim), ctx["cos"], ctx["sin"])
+        k_BxTxKxH = apply_rope(k.reshape(batch, t, cfg.num_kv_heads, cfg.head_dim), ctx["cos"],
+                               ctx["sin"])
+        v_BxTxKxH = v.reshape(batch, t, cfg.num_kv_heads, cfg.head_dim)
+
+        new_cache = {}
+        if "k" in xs:  # decoding: write the new keys/values at [cursor, cursor + T), attend over all
+            start = (0, ctx["cursor"], 0, 0)
+            k_BxTxKxH = jax.lax.dynamic_update_slice(xs["k"], k_BxTxKxH.astype(xs["k"].dtype), start)
+            v_BxTxKxH = jax.lax.dynamic_update_slice(xs["v"], v_BxTxKxH.astype(xs["v"].dtype), start)
+            new_cache = {"k": k_BxTxKxH, "v": v_BxTxKxH}
+        out = attention(cfg, q_BxTxNxH, k_BxTxKxH.astype(cfg.dtype), v_BxTxKxH.astype(cfg.dtype),
+                        ctx["mask"])
+        out = proj(cfg.hidden_size, name="o")(out.reshape(batch, t, cfg.q_dim), lora.get("o"))
+        return out, new_cache
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h_BxTxD, lora):
+        cfg = self.cfg
+        proj = functools.partial(Projection, cfg, lora_scale=self.lora_scale,
+                                 lora_dropout=self.lora_dropout, deterministic=self.deterministic)
+        gate = proj(cfg.intermediate_size, name="gate")(h_BxTxD, lora.get("gate"))
+        up = proj(cfg.intermediate_size, name="up")(h_BxTxD, lora.get("up"))
+        return proj(cfg.hidden_size, name="down")(nn.silu(gate) * up, lora.get("down"))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block, called under nn.scan: carry x, scanned `xs`, broadcast `ctx`.
+
+    xs:  {"lora": {target: {"a", "b"}}} plus, when decoding, {"k", "v": [B, S, KV, Dh]}
+    ctx: {"cos", "sin": [B, T, Dh], "mask": [B, T, S] bool} plus, when decoding, {"cursor": int32}
+    """
+
+    cfg: ModelConfig
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD, xs, ctx):
+        kw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                  deterministic=self.deterministic)
+        lora = xs.get("lora", {})
+        h = RMSNorm(self.cfg, name="attn_norm")(x_BxTxD)
+        attn_out, new_cache = Attention(self.cfg, name="attn", **kw)(h, lora, xs, ctx)
+        x_BxTxD = x_BxTxD + attn_out
+        h = RMSNorm(self.cfg, name="mlp_norm")(x_BxTxD)
+        x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp", **kw)(h, lora)
+        return x_BxTxD, new_cache
+
+
+class Embed(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(0.02),
+                                    (self.cfg.vocab_size, self.cfg.hidden_size),
+                                    jnp.dtype(self.cfg.param_dtype))
+
+    def __call__(self, tokens_BxT):
+        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.cfg.dtype)
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BxT, xs, ctx):
+        cfg = self.cfg
+        embed = Embed(cfg, name="embed")
+        x_BxTxD = embed(tokens_BxT)
+        layer = DecoderLayer
+        if cfg.remat:
+            layer = nn.remat(layer, prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0},
+                         split_rngs={"params": True, "dropout": True},
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers)
+        x_BxTxD, new_cache = layers(cfg, self.lora_scale, self.lora_dropout, self.deterministic,
+                                    name="layers")(x_BxTxD, xs, ctx)
+        x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
+        if cfg.tie_word_embeddings:
+            head_DxV = embed.embedding.T
+        else:
+            head_DxV = self.param("lm_head", nn.initializers.normal(0.02),
+                                  (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+        logits = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), new_cache
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure API
+
+
+def _model(cfg, lora_cfg, dropout_rng):
+    if lora_cfg is None:
+        return Transformer(cfg)
+    return Transformer(cfg, lora_scale=lora_cfg.scale, lora_dropout=lora_cfg.dropout,
+                       deterministic=dropout_rng is None or lora_cfg.dropout == 0.0)
+
+
+def _check_lora(cfg: ModelConfig, lora, lora_cfg: Optional[LoraConfig], batch: int):
+    if lora is None:
+        return
+    if lora_cfg is None:
+        raise ValueError("a `lora` pytree was given without `lora_cfg` (needed for its scale)")
+    if set(lora) != set(lora_cfg.targets):
+        raise ValueError(f"LoRA targets {sorted(lora)} differ from lora_cfg.targets "
+                         f"{sorted(lora_cfg.targets)}")
+    for target, ab in lora.items():
+        a, b = ab["a"], ab["b"]
+        d_in, d_out = cfg.projection_shape(target)
+        grouped = a.ndim == 4
+        lead = a.shape[:2] if grouped else a.shape[:1]
+        want_a = (*lead, d_in, lora_cfg.rank)
+        want_b = (*lead, lora_cfg.rank, d_out)
+        if a.ndim not in (3, 4) or a.shape != want_a or b.shape != want_b or lead[0] != cfg.num_layers:
+            raise ValueError(f"LoRA {target!r}: got a{tuple(a.shape)} b{tuple(b.shape)}, expected "
+                             f"a[L, (G,) {d_in}, {lora_cfg.rank}] b[L, (G,) {lora_cfg.rank}, {d_out}] "
+                             f"with L={cfg.num_layers}")
+        if grouped and batch % a.shape[1]:
+            raise ValueError(f"LoRA {target!r} has {a.shape[1]} row groups, which do not divide the "
+                             f"batch of {batch} rows")
+
+
+def _layer_inputs(lora):
+    return {} if lora is None else {"lora": lora}
+
+
+def _rngs(dropout_rng):
+    return {} if dropout_rng is None else {"dropout": dropout_rng}
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Position of each token within its (contiguous) segment: 0, 1, ... restarting at each segment."""
+    t = segment_ids_BxT.shape[1]
+    idx_T = jnp.arange(t, dtype=jnp.int32)
+    starts_BxT = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], dtype=bool),
+         segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    last_start_BxT = jax.lax.cummax(jnp.where(starts_BxT, idx_T, 0), axis=1)
+    return idx_T - last_start_BxT
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random base weights: normal(0.02) kernels/embeddings, unit norms, zero biases; cfg.param_dtype."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+
+    def init(key):
+        ctx = _forward_ctx(cfg, tokens, None, None)
+        return Transformer(cfg).init(key, tokens, {}, ctx)["params"]
+
+    return jax.jit(init)(rng)
+
+
+def _forward_ctx(cfg, tokens_BxT, positions_BxT, segment_ids_BxT):
+    batch, t = tokens_BxT.shape
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((batch, t), jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = positions_from_segments(segment_ids_BxT)
+    idx_T = jnp.arange(t)
+    causal_TxT = idx_T[:, None] >= idx_T[None, :]
+    mask_BxTxT = ((segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+                  & (segment_ids_BxT[:, None, :] != 0) & causal_TxT)
+    cos, sin = rope_cos_sin(cfg, positions_BxT)
+    return {"cos": cos, "sin": sin, "mask": mask_BxTxT}
+
+
+def forward(params: Params, tokens_BxT, *, cfg: ModelConfig, lora: Optional[Lora] = None,
+            lora_cfg: Optional[LoraConfig] = None, positions_BxT=None, segment_ids_BxT=None,
+            dropout_rng=None) -> jax.Array:
+    """Logits [B, T, V] (float32) of a full sequence (training / scoring).
+
+    segment_ids (0 = padding): a query attends to earlier-or-equal keys of its own non-zero segment.
+    positions default to the index within each segment (so packed segments restart at 0).
+    """
+    _check_lora(cfg, lora, lora_cfg, tokens_BxT.shape[0])
+    ctx = _forward_ctx(cfg, tokens_BxT, positions_BxT, segment_ids_BxT)
+    logits, _ = _model(cfg, lora_cfg, dropout_rng).apply(
+        {"params": params}, tokens_BxT, _layer_inputs(lora), ctx, rngs=_rngs(dropout_rng))
+    return logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+                   valid_BxS=jnp.zeros((batch, max_len), bool), cursor=jnp.zeros((), jnp.int32))
+
+
+def forward_with_cache(params: Params, tokens_BxT, cache: KVCache, *, cfg: ModelConfig,
+                       lora: Optional[Lora] = None, lora_cfg: Optional[LoraConfig] = None,
+                       positions_BxT, token_mask_BxT) -> tuple[jax.Array, KVCache]:
+    """Run T new tokens against the cache: write them at slots [cursor, cursor+T), return logits.
+
+    A new token attends to valid slots at or before its own slot. The caller sizes the cache so that
+    cursor + T <= S (dynamic_update_slice would otherwise clamp the write position).
+    """
+    batch, t = tokens_BxT.shape
+    max_len = cache.valid_BxS.shape[1]
+    if t > max_len:
+        raise ValueError(f"{t} new tokens do not fit in a KV cache of {max_len} slots")
+    _check_lora(cfg, lora, lora_cfg, batch)
+    cursor = cache.cursor.astype(jnp.int32)
+    valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, token_mask_BxT.astype(bool),
+                                             (jnp.int32(0), cursor))
+    slot_S = jnp.arange(max_len, dtype=jnp.int32)
+    query_slot_T = cursor + jnp.arange(t, dtype=jnp.int32)
+    mask_BxTxS = valid_BxS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
+    cos, sin = rope_cos_sin(cfg, positions_BxT)
+    ctx = {"cos": cos, "sin": sin, "mask": mask_BxTxS, "cursor": cursor}
+    xs = {**_layer_inputs(lora), "k": cache.k, "v": cache.v}
+    logits, new_kv = _model(cfg, lora_cfg, None).apply({"params": params}, tokens_BxT, xs, ctx)
+    return logits, KVCache(k=new_kv["k"], v=new_kv["v"], valid_BxS=valid_BxS, cursor=cursor + t)
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names per parameter (same tree as init_params); None = replicated dimension."""
+    def proj(in_axis, out_axis, bias):
+        axes = {"kernel": ("layers", in_axis, out_axis)}
+        if bias:
+            axes["bias"] = ("layers", None)
+        return axes
+
+    bias = cfg.attention_bias
+    axes = {
+        "embed": {"embedding": ("vocab", "embed")},
+        "layers": {
+            "attn_norm": {"scale": ("layers", None)},
+            "attn": {"q": proj("embed", "heads", bias), "k": proj("embed", "kv_heads", bias),
+                     "v": proj("embed", "kv_heads", bias), "o": proj("heads", "embed", False)},
+            "mlp_norm": {"scale": ("layers", None)},
+            "mlp": {"gate": proj("embed", "mlp", False), "up": proj("embed", "mlp", False),
+                    "down": proj("mlp", "embed", False)},
+        },
+        "final_norm": {"scale": (None,)},
+    }
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes

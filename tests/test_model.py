@@ -1,0 +1,229 @@
+"""Transformer: masks, packing, KV-cache decoding, LoRA (shared / grouped / vmapped), remat, dtypes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seal_jax.model import transformer as T
+from seal_jax.model.config import LoraConfig
+from seal_jax.model.presets import get_preset
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
+def model(request):
+    cfg = get_preset(request.param)
+    params = T.init_params(cfg, jax.random.key(0))
+    if cfg.attention_bias:  # zero-init biases would leave the bias path untested
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.05 if path[-1].key == "bias" else x, params)
+    return cfg, params
+
+
+def random_lora(cfg, lora_cfg, key, groups=None):
+    lora = {}
+    for i, target in enumerate(lora_cfg.targets):
+        d_in, d_out = cfg.projection_shape(target)
+        lead = (cfg.num_layers,) if groups is None else (cfg.num_layers, groups)
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        lora[target] = {"a": 0.1 * jax.random.normal(ka, (*lead, d_in, lora_cfg.rank)),
+                        "b": 0.1 * jax.random.normal(kb, (*lead, lora_cfg.rank, d_out))}
+    return lora
+
+
+def test_param_tree_and_logical_axes(model):
+    cfg, params = model
+    shapes = jax.tree.map(lambda x: x.shape, params)
+    assert shapes["layers"]["attn"]["q"]["kernel"] == (cfg.num_layers, cfg.hidden_size, cfg.q_dim)
+    assert shapes["layers"]["mlp"]["down"]["kernel"] == (
+        cfg.num_layers, cfg.intermediate_size, cfg.hidden_size)
+    assert ("lm_head" in params) == (not cfg.tie_word_embeddings)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert n == cfg.num_params()
+    axes = T.param_logical_axes(cfg)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    assert jax.tree.structure(axes, is_leaf=is_axes) == jax.tree.structure(params)
+    for leaf, names in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=is_axes)):
+        assert len(names) == leaf.ndim
+
+
+def test_forward_shapes_dtype_and_causality(model):
+    cfg, params = model
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    logits = T.forward(params, tokens, cfg=cfg)
+    assert logits.shape == (2, 10, cfg.vocab_size) and logits.dtype == jnp.float32
+    # Changing a later token must not change earlier logits; it must change its own.
+    changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % cfg.vocab_size)
+    logits2 = T.forward(params, changed, cfg=cfg)
+    np.testing.assert_allclose(logits[:, :6], logits2[:, :6], atol=1e-6)
+    assert not np.allclose(logits[:, 6], logits2[:, 6])
+
+
+def test_packing_and_padding_match_separate_sequences(model):
+    cfg, params = model
+    key = jax.random.key(2)
+    a = jax.random.randint(key, (5,), 3, cfg.vocab_size)
+    b = jax.random.randint(jax.random.fold_in(key, 1), (4,), 3, cfg.vocab_size)
+    ref_a = T.forward(params, a[None], cfg=cfg)[0]
+    ref_b = T.forward(params, b[None], cfg=cfg)[0]
+    # Row 0: a and b packed, then padding; row 1: left padding then b.
+    row0 = jnp.concatenate([a, b, jnp.array([2, 2, 2])])
+    seg0 = jnp.array([1] * 5 + [2] * 4 + [0] * 3)
+    row1 = jnp.concatenate([jnp.array([2] * 8), b])
+    seg1 = jnp.array([0] * 8 + [1] * 4)
+    tokens, segs = jnp.stack([row0, row1]), jnp.stack([seg0, seg1])
+    pos = T.positions_from_segments(segs)
+    np.testing.assert_array_equal(pos[0, :9], [0, 1, 2, 3, 4, 0, 1, 2, 3])
+    logits = T.forward(params, tokens, cfg=cfg, segment_ids_BxT=segs, positions_BxT=pos)
+    assert np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_allclose(logits[0, :5], ref_a, atol=2e-5)
+    np.testing.assert_allclose(logits[0, 5:9], ref_b, atol=2e-5)
+    np.testing.assert_allclose(logits[1, 8:], ref_b, atol=2e-5)
+
+
+def _decode_greedy(cfg, params, prompts, new_tokens, lora=None, lora_cfg=None):
+    """Left-pad prompts, prefill, then greedy-decode one token at a time through the cache."""
+    width = max(map(len, prompts))
+    tokens = np.full((len(prompts), width), 2, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        mask[i, width - len(p):] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    cache = T.init_cache(cfg, len(prompts), width + new_tokens)
+    step = jax.jit(lambda p, t, c, pos, m, l: T.forward_with_cache(
+        p, t, c, cfg=cfg, lora=l, lora_cfg=lora_cfg, positions_BxT=pos, token_mask_BxT=m))
+    logits, cache = step(params, tokens, cache, positions, mask, lora)
+    out, step_logits = [], [logits[:, -1]]
+    next_pos = positions[:, -1] + 1
+    for _ in range(new_tokens):
+        tok = jnp.argmax(step_logits[-1], axis=-1).astype(jnp.int32)
+        out.append(tok)
+        logits, cache = step(params, tok[:, None], cache, next_pos[:, None],
+                             np.ones((len(prompts), 1), bool), lora)
+        step_logits.append(logits[:, -1])
+        next_pos = next_pos + 1
+    return np.stack(out, axis=1), np.stack(step_logits[:-1], axis=1)
+
+
+def test_kv_cache_decode_matches_full_recompute(model):
+    cfg, params = model
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 7, 5)]
+    new = 6
+    tokens, logits = _decode_greedy(cfg, params, prompts, new)
+    for i, prompt in enumerate(prompts):
+        seq = jnp.asarray(prompt + tokens[i].tolist())[None]
+        full = T.forward(params, seq, cfg=cfg)[0]
+        ref_logits = full[len(prompt) - 1:len(prompt) - 1 + new]
+        np.testing.assert_array_equal(np.argmax(ref_logits, -1), tokens[i])
+        np.testing.assert_allclose(logits[i], ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_zero_b_is_identity_and_matches_merged_weights(model):
+    cfg, params = model
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
+    lora = random_lora(cfg, lora_cfg, jax.random.key(4))
+    zero_b = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if path[-1].key == "b" else x, lora)
+    base = T.forward(params, tokens, cfg=cfg)
+    np.testing.assert_allclose(T.forward(params, tokens, cfg=cfg, lora=zero_b, lora_cfg=lora_cfg),
+                               base, atol=1e-6)
+    merged = jax.tree.map(lambda x: x, params)
+    for target, (group, name) in T.PROJECTION_PATHS.items():
+        w = merged["layers"][group][name]["kernel"]
+        merged["layers"][group][name]["kernel"] = w + lora_cfg.scale * (
+            lora[target]["a"] @ lora[target]["b"])
+    with_lora = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+    assert not np.allclose(with_lora, base, atol=1e-3)
+    np.testing.assert_allclose(with_lora, T.forward(merged, tokens, cfg=cfg), atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_lora_equals_per_group_shared_and_vmap(model):
+    cfg, params = model
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    groups, rows = 3, 2
+    grouped = random_lora(cfg, lora_cfg, jax.random.key(5), groups=groups)
+    tokens = jax.random.randint(jax.random.key(6), (groups * rows, 7), 0, cfg.vocab_size)
+    out = T.forward(params, tokens, cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
+    # The same adapters stacked on a leading candidate axis, vmapped with params shared.
+    stacked_K = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), grouped)
+    vmapped = jax.vmap(lambda l, t: T.forward(params, t, cfg=cfg, lora=l, lora_cfg=lora_cfg))(
+        stacked_K, tokens.reshape(groups, rows, -1))
+    for g in range(groups):
+        shared = jax.tree.map(lambda x: x[:, g], grouped)
+        ref = T.forward(params, tokens[g * rows:(g + 1) * rows], cfg=cfg, lora=shared,
+                        lora_cfg=lora_cfg)
+        np.testing.assert_allclose(out[g * rows:(g + 1) * rows], ref, atol=1e-5)
+        np.testing.assert_allclose(vmapped[g], ref, atol=1e-5)
+    with pytest.raises(ValueError, match="row groups"):
+        T.forward(params, tokens[:4], cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
+
+
+def test_grouped_lora_decode_matches_full_forward(model):
+    cfg, params = model
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+    grouped = random_lora(cfg, lora_cfg, jax.random.key(7), groups=2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (4, 6)]
+    tokens, _ = _decode_greedy(cfg, params, prompts, 4, lora=grouped, lora_cfg=lora_cfg)
+    for g, prompt in enumerate(prompts):
+        shared = jax.tree.map(lambda x: x[:, g], grouped)
+        seq = jnp.asarray(prompt + tokens[g].tolist())[None]
+        full = T.forward(params, seq, cfg=cfg, lora=shared, lora_cfg=lora_cfg)[0]
+        np.testing.assert_array_equal(np.argmax(full[len(prompt) - 1:-1], -1), tokens[g])
+
+
+def test_lora_validation_errors(model):
+    cfg, params = model
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+    lora = random_lora(cfg, lora_cfg, jax.random.key(8))
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match="lora_cfg"):
+        T.forward(params, tokens, cfg=cfg, lora=lora)
+    with pytest.raises(ValueError, match="targets"):
+        T.forward(params, tokens, cfg=cfg, lora={"q": lora["q"]}, lora_cfg=lora_cfg)
+    bad = {**lora, "v": {"a": lora["v"]["a"][:, :-1], "b": lora["v"]["b"]}}
+    with pytest.raises(ValueError, match="'v'"):
+        T.forward(params, tokens, cfg=cfg, lora=bad, lora_cfg=lora_cfg)
+
+
+def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
+    cfg = get_preset("tiny-llama")
+    params = T.init_params(cfg, jax.random.key(0))
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"), dropout=0.5)
+    lora = random_lora(cfg, lora_cfg, jax.random.key(9))
+    tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, cfg.vocab_size)
+    no_drop = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+    d1 = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+                   dropout_rng=jax.random.key(1))
+    d1b = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+                    dropout_rng=jax.random.key(1))
+    d2 = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+                   dropout_rng=jax.random.key(2))
+    np.testing.assert_array_equal(d1, d1b)
+    assert not np.allclose(d1, no_drop) and not np.allclose(d1, d2)
+
+    def loss(lora, cfg):
+        logits = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+    g_plain = jax.grad(loss)(lora, cfg)
+    g_remat = jax.grad(loss)(lora, cfg.replace(remat=True))
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_plain))
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    cfg32 = get_preset("tiny-qwen2")
+    cfg16 = cfg32.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params32 = T.init_params(cfg32, jax.random.key(0))
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+    tokens = jax.random.randint(jax.random.key(11), (2, 9), 0, cfg32.vocab_size)
+    segs = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    l32 = T.forward(params32, tokens, cfg=cfg32, segment_ids_BxT=segs)
+    l16 = T.forward(params16, tokens, cfg=cfg16, segment_ids_BxT=segs)
+    assert l16.dtype == jnp.float32 and np.isfinite(np.asarray(l16)).all()
+    rel = jnp.linalg.norm(l16 - l32) / jnp.linalg.norm(l32)
+    assert rel < 0.05
