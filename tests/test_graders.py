@@ -57,6 +57,17 @@ def test_lexical_grader_rules():
     assert G.summarize(strict) == {"n": 5, "graded": 5, "ungraded": 0, "correct": 1, "accuracy": 0.2}
 
 
+def test_gold_recall_rule_forgives_verbose_answers():
+    item = GradeItem(Q, "Denver Broncos football team", "It was the Broncos team from Denver, Colorado, "
+                                                        "who won the trophy that year")
+    assert G.token_f1(item.answer, item.gold) < 0.5 and G.gold_recall(item.answer, item.gold) == 0.75
+    assert G.LexicalGrader().grade([item])[0].correct is False
+    verdict = G.LexicalGrader(recall_threshold=0.6).grade([item])[0]
+    assert verdict.correct is True and "recall=0.750" in verdict.raw
+    assert G.LexicalGrader(recall_threshold=0.8).grade([item])[0].correct is False
+    assert G.gold_recall("anything", "the") == 0.0
+
+
 def test_parse_yes_no_reference_rule():
     assert G.parse_yes_no("yes") and G.parse_yes_no("Yes.") and G.parse_yes_no("YES, correct")
     assert not G.parse_yes_no("no") and not G.parse_yes_no("No.")
@@ -79,6 +90,9 @@ def test_make_grader_from_config():
     section = ml_collections.ConfigDict({"kind": "em_f1", "f1_threshold": 0.8})
     grader = G.make_grader(section)
     assert isinstance(grader, G.LexicalGrader) and grader.f1_threshold == 0.8
+    assert grader.recall_threshold is None
+    section.recall_threshold = 0.6
+    assert G.make_grader(section).recall_threshold == 0.6
     with pytest.raises(ValueError, match="unknown grader kind 'oracle'"):
         G.make_grader(ml_collections.ConfigDict({"kind": "oracle"}))
 
@@ -280,3 +294,72 @@ def test_http_grader_requires_its_key(monkeypatch):
     monkeypatch.delenv("SEAL_MISSING_KEY", raising=False)
     with pytest.raises(ValueError, match="SEAL_MISSING_KEY"):
         G.HttpGrader("http://127.0.0.1:1/v1", "m", api_key_env="SEAL_MISSING_KEY")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration statistics and the results files
+
+
+def test_cohen_kappa_and_agreement_stats():
+    from seal_jax.tasks.knowledge import calibration as C
+
+    ref = [True, True, False, False]
+    assert C.cohen_kappa(ref, ref) == 1.0
+    assert C.cohen_kappa([True, False, True, False], ref) == pytest.approx(0.0)  # chance level
+    assert C.cohen_kappa([False, False, True, True], ref) == pytest.approx(-1.0)
+    # Textbook example: po = 0.7, pe = 0.5*0.6 + 0.5*0.4 = 0.5 -> kappa 0.4.
+    pred = [True] * 5 + [False] * 5
+    ref10 = [True, True, True, True, False, True, True, False, False, False]
+    assert C.cohen_kappa(pred, ref10) == pytest.approx((0.7 - 0.5) / 0.5)
+    stats = C.agreement_stats([True, None, False, True], [True, True, True, False], votes=[1, 5, 2, 1])
+    assert stats["graded"] == 3 and stats["ungraded"] == 1
+    assert stats["agreement"] == pytest.approx(1 / 3) and stats["yes_rate"] == pytest.approx(2 / 3)
+    assert stats["vote_weighted_agreement"] == pytest.approx(1 / 4)
+    assert stats["confusion"] == {"both_yes": 1, "grader_yes_ref_no": 1, "grader_no_ref_yes": 1,
+                                  "both_no": 0}
+
+
+def test_cross_validated_threshold_recovers_a_shift():
+    from seal_jax.tasks.knowledge import calibration as C
+
+    rng = np.random.default_rng(0)
+    ref = rng.random(400) < 0.5
+    scores = np.where(ref, 3.0, 1.0) + rng.normal(0, 0.3, 400)  # separable at ~2, not at 0
+    cv = C.cross_validated_threshold(list(scores), list(ref))
+    assert cv["agreement"] > 0.99 and all(1.0 < t < 3.0 for t in cv["thresholds"])
+    assert C.agreement_stats(list(scores > 0), list(ref))["agreement"] < 0.6  # untuned: ~all yes
+
+
+def test_run_calibration_merges_runs_and_renders(tmp_path):
+    import ml_collections
+
+    from seal_jax.tasks.knowledge import calibration as C
+
+    rows = [{"title": "T", "question": f"q{i}?", "gold": "Denver Broncos",
+             "prediction": ["The Denver Broncos", "Panthers", "Broncos of Denver, the team"][i % 3],
+             "verdict": i % 3 != 1, "votes": 1 + i % 2} for i in range(30)]
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loaded = C.load_calibration(path)
+    assert loaded[0].item == GradeItem("Topic: T\nq0?", "Denver Broncos", "The Denver Broncos")
+    assert C.select_rows(loaded, 5, "first") == loaded[:5]
+    seeded = C.select_rows(loaded, 5, "seeded", seed=1)
+    assert seeded == C.select_rows(loaded, 5, "seeded", seed=1) and len(set(seeded)) == 5
+    assert C.select_rows(loaded, 0) == loaded
+
+    c = C.get_config()
+    c.data, c.out_dir = str(path), str(tmp_path / "out")
+    first = C.run_calibration(c)
+    # Rows 2, 5, ...: "Broncos of Denver" is right per the reference; EM/contains/F1 0.8 all agree.
+    assert first["agreement"] == 1.0 and first["graded"] == 30
+    c.grader.f1_threshold, c.limit = 1.01, 12  # containment and EM only, on a seeded subset
+    second = C.run_calibration(c)
+    assert second["graded"] == 12 and second["agreement"] < 1.0 and "lexical_same_rows" in second
+    saved = json.loads((tmp_path / "out" / "grader_calibration.json").read_text())
+    assert set(saved["runs"]) == {"em_f1(f1>=0.5) / all", "em_f1(f1>=1.01) / seeded12-seed0"}
+    md = (tmp_path / "out" / "grader_calibration.md").read_text()
+    assert "| em_f1(f1>=0.5) / all | 30 | 0 | 100.0% |" in md and "worse than EM/F1" in md
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "T", "question": "q", "gold": "g", "prediction": "p"}\n')
+    with pytest.raises(ValueError, match="line 1: malformed calibration row"):
+        C.load_calibration(bad)

@@ -8,8 +8,9 @@ Empty answers are False without asking any grader (reference behaviour, and an e
 right).
 
 * `LexicalGrader`: SQuAD normalisation, exact match, token F1; correct = EM, or the normalised gold
-  appears in the answer as whole words, or F1 >= threshold. Fast, but it under-calls "yes" against
-  GPT-4.1 (see bench/results/grader_calibration.md).
+  appears in the answer as whole words, or F1 >= threshold (optionally: or the share of gold tokens
+  found in the answer >= `recall_threshold`, which forgives verbose answers that F1 penalises).
+  Fast, but it under-calls "yes" against GPT-4.1 (see bench/results/grader_calibration.md).
 * `LocalJudgeGrader`: any local causal LM (cfg, params, tokenizer) as a judge with the reference's
   rubric (our wording), batched; the verdict is the sign of logsumexp(yes-token logits) minus
   logsumexp(no-token logits) at the first reply position: deterministic, no sampling.
@@ -118,6 +119,14 @@ def token_f1(answer: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def gold_recall(answer: str, gold: str) -> float:
+    """Share of the normalised gold tokens (with multiplicity) that the answer contains."""
+    pred, ref = normalize_answer(answer).split(), normalize_answer(gold).split()
+    if not ref:
+        return 0.0
+    return sum((collections.Counter(pred) & collections.Counter(ref)).values()) / len(ref)
+
+
 def gold_in_answer(answer: str, gold: str) -> bool:
     """Normalised gold occurs in the normalised answer as whole words ("1" does not match "1990")."""
     g = normalize_answer(gold)
@@ -128,6 +137,7 @@ def gold_in_answer(answer: str, gold: str) -> bool:
 class LexicalGrader:
     f1_threshold: float = 0.5  # > 1 disables the F1 rule
     use_containment: bool = True
+    recall_threshold: float | None = None  # None: no gold-recall rule (the brief's EM/contains/F1)
     name: str = "em_f1"
 
     def grade(self, items: Sequence[GradeItem]) -> list[Verdict]:
@@ -137,9 +147,13 @@ class LexicalGrader:
         em = exact_match(item.answer, item.gold)
         contained = self.use_containment and gold_in_answer(item.answer, item.gold)
         f1 = token_f1(item.answer, item.gold)
+        raw = f"em={int(em)} contains={int(contained)} f1={f1:.3f}"
         correct = em or contained or f1 >= self.f1_threshold
-        return Verdict(correct=correct, raw=f"em={int(em)} contains={int(contained)} f1={f1:.3f}",
-                       score=f1)
+        if self.recall_threshold is not None:
+            recall = gold_recall(item.answer, item.gold)
+            correct = correct or recall >= self.recall_threshold
+            raw += f" recall={recall:.3f}"
+        return Verdict(correct=correct, raw=raw, score=f1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,7 +415,9 @@ def make_grader(section, *, load_model: Callable[[str], tuple] | None = None) ->
     """
     kind = section.kind
     if kind == "em_f1":
-        return LexicalGrader(f1_threshold=float(section.f1_threshold))
+        recall = section.get("recall_threshold", None)
+        return LexicalGrader(f1_threshold=float(section.f1_threshold),
+                             recall_threshold=None if recall is None or recall < 0 else float(recall))
     if kind == "llm_judge":
         if load_model is None:
             from seal_jax.model.loading import load_model
