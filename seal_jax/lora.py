@@ -16,6 +16,8 @@ PEFT file I/O lives in `seal_jax/peft_io.py`.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import jax
@@ -35,14 +37,18 @@ PROJECTION_PATHS = {
 }
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _init_one(cfg: ModelConfig, lora_cfg: LoraConfig, rng: jax.Array) -> Lora:
-    keys = jax.random.split(rng, len(lora_cfg.targets))
-    lora = {}
-    for key, target in zip(keys, lora_cfg.targets):
+    # One uniform draw for all targets, sliced: a single threefry keeps the compile short.
+    shapes = {t: (cfg.num_layers, cfg.projection_shape(t)[0], lora_cfg.rank) for t in lora_cfg.targets}
+    unit = jax.random.uniform(rng, (sum(math.prod(s) for s in shapes.values()),), jnp.float32,
+                              -1.0, 1.0)
+    lora, offset = {}, 0
+    for target, shape in shapes.items():
         fan_in, fan_out = cfg.projection_shape(target)
-        bound = 1.0 / np.sqrt(fan_in)
-        a = jax.random.uniform(key, (cfg.num_layers, fan_in, lora_cfg.rank), jnp.float32,
-                               -bound, bound)
+        size = math.prod(shape)
+        a = unit[offset: offset + size].reshape(shape) / np.float32(np.sqrt(fan_in))
+        offset += size
         b = jnp.zeros((cfg.num_layers, lora_cfg.rank, fan_out), jnp.float32)
         lora[target] = {"a": a, "b": b}
     return lora
@@ -64,6 +70,11 @@ def init_lora(cfg: ModelConfig, lora_cfg: LoraConfig, rng: jax.Array,
 
 def init_lora_from_keys(cfg: ModelConfig, lora_cfg: LoraConfig, keys_K: jax.Array) -> Lora:
     """One adapter per PRNG key, stacked on a leading candidate axis."""
+    return _init_many(cfg, lora_cfg, keys_K)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_many(cfg: ModelConfig, lora_cfg: LoraConfig, keys_K: jax.Array) -> Lora:
     return jax.vmap(lambda key: _init_one(cfg, lora_cfg, key))(keys_K)
 
 
@@ -126,19 +137,22 @@ def merge_lora(params: Params, lora: Lora, cfg: ModelConfig, lora_cfg: LoraConfi
     `merge_and_unload` does on an fp32 adapter. `lora` must have no candidate axis.
     """
     check_lora(lora, cfg, lora_cfg, candidate_axis=False)
-    merged = jax.tree.map(lambda x: x, params)  # new containers, leaves shared
+    merged = jax.tree.map(lambda x: x, params)  # new containers; untouched leaves are shared
     layers = merged["layers"]
     for target in lora_cfg.targets:
         group, name = PROJECTION_PATHS[target]
-        module = dict(layers[group][name])
-        w = module["kernel"]
-        ab_LxIxO = jnp.einsum("lir,lro->lio", lora[target]["a"].astype(jnp.float32),
-                              lora[target]["b"].astype(jnp.float32),
-                              precision=jax.lax.Precision.HIGHEST)
-        module["kernel"] = (w.astype(jnp.float32) + lora_cfg.scale * ab_LxIxO).astype(w.dtype)
         layers[group] = dict(layers[group])
-        layers[group][name] = module
+        module = layers[group][name] = dict(layers[group][name])
+        module["kernel"] = _merged_kernel(module["kernel"], lora[target]["a"], lora[target]["b"],
+                                          lora_cfg.scale)
     return merged
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _merged_kernel(w_LxIxO, a_LxIxR, b_LxRxO, scale: float):
+    ab_LxIxO = jnp.einsum("lir,lro->lio", a_LxIxR.astype(jnp.float32), b_LxRxO.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+    return (w_LxIxO.astype(jnp.float32) + scale * ab_LxIxO).astype(w_LxIxO.dtype)
 
 
 def lora_logical_axes(cfg: ModelConfig, lora_cfg: LoraConfig, candidate_axis: bool = True) -> Lora:
