@@ -8,6 +8,10 @@ from seal_jax.model import transformer as T
 from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import get_preset
 
+# Jitted once per module: eager op-by-op dispatch would dominate the runtime of these tiny models.
+fwd = jax.jit(T.forward, static_argnames=("cfg", "lora_cfg"))
+decode_step = jax.jit(T.forward_with_cache, static_argnames=("cfg", "lora_cfg"))
+
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
 def model(request):
@@ -17,6 +21,15 @@ def model(request):
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: x + 0.05 if path[-1].key == "bias" else x, params)
     return cfg, params
+
+
+@pytest.fixture(scope="module")
+def qwen(request):
+    """LoRA behaviour does not depend on the architecture: test it once, on the variant with biases."""
+    cfg = get_preset("tiny-qwen2")
+    params = T.init_params(cfg, jax.random.key(0))
+    return cfg, jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 if path[-1].key == "bias" else x, params)
 
 
 def random_lora(cfg, lora_cfg, key, groups=None):
@@ -49,11 +62,11 @@ def test_param_tree_and_logical_axes(model):
 def test_forward_shapes_dtype_and_causality(model):
     cfg, params = model
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
-    logits = T.forward(params, tokens, cfg=cfg)
+    logits = fwd(params, tokens, cfg=cfg)
     assert logits.shape == (2, 10, cfg.vocab_size) and logits.dtype == jnp.float32
     # Changing a later token must not change earlier logits; it must change its own.
     changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % cfg.vocab_size)
-    logits2 = T.forward(params, changed, cfg=cfg)
+    logits2 = fwd(params, changed, cfg=cfg)
     np.testing.assert_allclose(logits[:, :6], logits2[:, :6], atol=1e-6)
     assert not np.allclose(logits[:, 6], logits2[:, 6])
 
@@ -63,8 +76,8 @@ def test_packing_and_padding_match_separate_sequences(model):
     key = jax.random.key(2)
     a = jax.random.randint(key, (5,), 3, cfg.vocab_size)
     b = jax.random.randint(jax.random.fold_in(key, 1), (4,), 3, cfg.vocab_size)
-    ref_a = T.forward(params, a[None], cfg=cfg)[0]
-    ref_b = T.forward(params, b[None], cfg=cfg)[0]
+    ref_a = fwd(params, a[None], cfg=cfg)[0]
+    ref_b = fwd(params, b[None], cfg=cfg)[0]
     # Row 0: a and b packed, then padding; row 1: left padding then b.
     row0 = jnp.concatenate([a, b, jnp.array([2, 2, 2])])
     seg0 = jnp.array([1] * 5 + [2] * 4 + [0] * 3)
@@ -73,7 +86,7 @@ def test_packing_and_padding_match_separate_sequences(model):
     tokens, segs = jnp.stack([row0, row1]), jnp.stack([seg0, seg1])
     pos = T.positions_from_segments(segs)
     np.testing.assert_array_equal(pos[0, :9], [0, 1, 2, 3, 4, 0, 1, 2, 3])
-    logits = T.forward(params, tokens, cfg=cfg, segment_ids_BxT=segs, positions_BxT=pos)
+    logits = fwd(params, tokens, cfg=cfg, segment_ids_BxT=segs, positions_BxT=pos)
     assert np.isfinite(np.asarray(logits)).all()
     np.testing.assert_allclose(logits[0, :5], ref_a, atol=2e-5)
     np.testing.assert_allclose(logits[0, 5:9], ref_b, atol=2e-5)
@@ -90,8 +103,10 @@ def _decode_greedy(cfg, params, prompts, new_tokens, lora=None, lora_cfg=None):
         mask[i, width - len(p):] = True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     cache = T.init_cache(cfg, len(prompts), width + new_tokens)
-    step = jax.jit(lambda p, t, c, pos, m, l: T.forward_with_cache(
-        p, t, c, cfg=cfg, lora=l, lora_cfg=lora_cfg, positions_BxT=pos, token_mask_BxT=m))
+    def step(p, t, c, pos, m, l):
+        return decode_step(p, t, c, cfg=cfg, lora=l, lora_cfg=lora_cfg, positions_BxT=pos,
+                           token_mask_BxT=m)
+
     logits, cache = step(params, tokens, cache, positions, mask, lora)
     out, step_logits = [], [logits[:, -1]]
     next_pos = positions[:, -1] + 1
@@ -105,87 +120,100 @@ def _decode_greedy(cfg, params, prompts, new_tokens, lora=None, lora_cfg=None):
     return np.stack(out, axis=1), np.stack(step_logits[:-1], axis=1)
 
 
+def _right_padded(seqs):
+    """Batch of sequences padded on the right (segment 0), for one full-recompute forward."""
+    width = max(map(len, seqs))
+    tokens = np.full((len(seqs), width), 2, np.int32)
+    segs = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+        segs[i, :len(s)] = 1
+    return tokens, segs
+
+
 def test_kv_cache_decode_matches_full_recompute(model):
     cfg, params = model
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 7, 5)]
     new = 6
     tokens, logits = _decode_greedy(cfg, params, prompts, new)
+    full_tokens, segs = _right_padded([p + t.tolist() for p, t in zip(prompts, tokens)])
+    full = fwd(params, full_tokens, cfg=cfg, segment_ids_BxT=segs)
     for i, prompt in enumerate(prompts):
-        seq = jnp.asarray(prompt + tokens[i].tolist())[None]
-        full = T.forward(params, seq, cfg=cfg)[0]
-        ref_logits = full[len(prompt) - 1:len(prompt) - 1 + new]
+        ref_logits = full[i, len(prompt) - 1:len(prompt) - 1 + new]
         np.testing.assert_array_equal(np.argmax(ref_logits, -1), tokens[i])
         np.testing.assert_allclose(logits[i], ref_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_zero_b_is_identity_and_matches_merged_weights(model):
-    cfg, params = model
+def test_lora_zero_b_is_identity_and_matches_merged_weights(qwen):
+    cfg, params = qwen
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
     lora = random_lora(cfg, lora_cfg, jax.random.key(4))
     zero_b = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if path[-1].key == "b" else x, lora)
-    base = T.forward(params, tokens, cfg=cfg)
-    np.testing.assert_allclose(T.forward(params, tokens, cfg=cfg, lora=zero_b, lora_cfg=lora_cfg),
+    base = fwd(params, tokens, cfg=cfg)
+    np.testing.assert_allclose(fwd(params, tokens, cfg=cfg, lora=zero_b, lora_cfg=lora_cfg),
                                base, atol=1e-6)
     merged = jax.tree.map(lambda x: x, params)
     for target, (group, name) in T.PROJECTION_PATHS.items():
         w = merged["layers"][group][name]["kernel"]
         merged["layers"][group][name]["kernel"] = w + lora_cfg.scale * (
             lora[target]["a"] @ lora[target]["b"])
-    with_lora = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+    with_lora = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
     assert not np.allclose(with_lora, base, atol=1e-3)
-    np.testing.assert_allclose(with_lora, T.forward(merged, tokens, cfg=cfg), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(with_lora, fwd(merged, tokens, cfg=cfg), atol=1e-4, rtol=1e-4)
 
 
-def test_grouped_lora_equals_per_group_shared_and_vmap(model):
-    cfg, params = model
+def test_grouped_lora_equals_per_group_shared_and_vmap(qwen):
+    cfg, params = qwen
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
     groups, rows = 3, 2
     grouped = random_lora(cfg, lora_cfg, jax.random.key(5), groups=groups)
     tokens = jax.random.randint(jax.random.key(6), (groups * rows, 7), 0, cfg.vocab_size)
-    out = T.forward(params, tokens, cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
+    out = fwd(params, tokens, cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
     # The same adapters stacked on a leading candidate axis, vmapped with params shared.
     stacked_K = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), grouped)
-    vmapped = jax.vmap(lambda l, t: T.forward(params, t, cfg=cfg, lora=l, lora_cfg=lora_cfg))(
+    vmapped = jax.vmap(lambda l, t: fwd(params, t, cfg=cfg, lora=l, lora_cfg=lora_cfg))(
         stacked_K, tokens.reshape(groups, rows, -1))
     for g in range(groups):
         shared = jax.tree.map(lambda x: x[:, g], grouped)
-        ref = T.forward(params, tokens[g * rows:(g + 1) * rows], cfg=cfg, lora=shared,
+        ref = fwd(params, tokens[g * rows:(g + 1) * rows], cfg=cfg, lora=shared,
                         lora_cfg=lora_cfg)
         np.testing.assert_allclose(out[g * rows:(g + 1) * rows], ref, atol=1e-5)
         np.testing.assert_allclose(vmapped[g], ref, atol=1e-5)
     with pytest.raises(ValueError, match="row groups"):
-        T.forward(params, tokens[:4], cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
+        fwd(params, tokens[:4], cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
 
 
-def test_grouped_lora_decode_matches_full_forward(model):
-    cfg, params = model
+def test_grouped_lora_decode_matches_full_forward(qwen):
+    cfg, params = qwen
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
     grouped = random_lora(cfg, lora_cfg, jax.random.key(7), groups=2)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (4, 6)]
     tokens, _ = _decode_greedy(cfg, params, prompts, 4, lora=grouped, lora_cfg=lora_cfg)
+    full_tokens, segs = _right_padded([p + t.tolist() for p, t in zip(prompts, tokens)])
     for g, prompt in enumerate(prompts):
         shared = jax.tree.map(lambda x: x[:, g], grouped)
-        seq = jnp.asarray(prompt + tokens[g].tolist())[None]
-        full = T.forward(params, seq, cfg=cfg, lora=shared, lora_cfg=lora_cfg)[0]
-        np.testing.assert_array_equal(np.argmax(full[len(prompt) - 1:-1], -1), tokens[g])
+        full = fwd(params, full_tokens[g:g + 1], cfg=cfg, lora=shared, lora_cfg=lora_cfg,
+                   segment_ids_BxT=segs[g:g + 1])[0]
+        np.testing.assert_array_equal(np.argmax(full[len(prompt) - 1:len(prompt) + 3], -1),
+                                      tokens[g])
 
 
-def test_lora_validation_errors(model):
-    cfg, params = model
+def test_lora_validation_errors(qwen):
+    cfg, params = qwen
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
     lora = random_lora(cfg, lora_cfg, jax.random.key(8))
     tokens = jnp.zeros((2, 4), jnp.int32)
     with pytest.raises(ValueError, match="lora_cfg"):
-        T.forward(params, tokens, cfg=cfg, lora=lora)
+        fwd(params, tokens, cfg=cfg, lora=lora)
     with pytest.raises(ValueError, match="targets"):
-        T.forward(params, tokens, cfg=cfg, lora={"q": lora["q"]}, lora_cfg=lora_cfg)
+        fwd(params, tokens, cfg=cfg, lora={"q": lora["q"]}, lora_cfg=lora_cfg)
     bad = {**lora, "v": {"a": lora["v"]["a"][:, :-1], "b": lora["v"]["b"]}}
     with pytest.raises(ValueError, match="'v'"):
-        T.forward(params, tokens, cfg=cfg, lora=bad, lora_cfg=lora_cfg)
+        fwd(params, tokens, cfg=cfg, lora=bad, lora_cfg=lora_cfg)
 
 
 def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
@@ -194,22 +222,23 @@ def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"), dropout=0.5)
     lora = random_lora(cfg, lora_cfg, jax.random.key(9))
     tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, cfg.vocab_size)
-    no_drop = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
-    d1 = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+    no_drop = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+    d1 = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
                    dropout_rng=jax.random.key(1))
-    d1b = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+    d1b = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
                     dropout_rng=jax.random.key(1))
-    d2 = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+    d2 = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
                    dropout_rng=jax.random.key(2))
     np.testing.assert_array_equal(d1, d1b)
     assert not np.allclose(d1, no_drop) and not np.allclose(d1, d2)
 
     def loss(lora, cfg):
-        logits = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+        logits = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
-    g_plain = jax.grad(loss)(lora, cfg)
-    g_remat = jax.grad(loss)(lora, cfg.replace(remat=True))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_plain = grad(lora, cfg)
+    g_remat = grad(lora, cfg.replace(remat=True))
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_plain))
@@ -222,8 +251,8 @@ def test_bfloat16_forward_is_close_to_float32():
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
     tokens = jax.random.randint(jax.random.key(11), (2, 9), 0, cfg32.vocab_size)
     segs = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
-    l32 = T.forward(params32, tokens, cfg=cfg32, segment_ids_BxT=segs)
-    l16 = T.forward(params16, tokens, cfg=cfg16, segment_ids_BxT=segs)
+    l32 = fwd(params32, tokens, cfg=cfg32, segment_ids_BxT=segs)
+    l16 = fwd(params16, tokens, cfg=cfg16, segment_ids_BxT=segs)
     assert l16.dtype == jnp.float32 and np.isfinite(np.asarray(l16)).all()
     rel = jnp.linalg.norm(l16 - l32) / jnp.linalg.norm(l32)
     assert rel < 0.05
