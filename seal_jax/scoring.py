@@ -1,0 +1,128 @@
+"""Log-likelihood of completions given prompts, batched, one LoRA adapter per row group.
+
+Used to score adapted candidates without sampling (log p(answer | question) under each candidate)
+and for policy diagnostics. Rows are batched exactly as in `sampling.generate` (the same
+`plan_row_groups` / `prepare_lora` helpers), right-padded, and run through one `forward` call with
+segment ids marking padding. The log-probability of token t is read from the logits at t-1 as
+`logit[token] - logsumexp(logits)`, which avoids materialising a second [B, T, V] array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seal_jax.model import transformer
+from seal_jax.model.config import LoraConfig, ModelConfig
+from seal_jax.sampling import bucket, check_prompts, gather_groups, plan_row_groups, prepare_lora
+
+MIN_LENGTH_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceScores:
+    """Per row: sum of completion-token log-probs, their count, and the mean (nan when count is 0)."""
+
+    sum_logprob: np.ndarray  # [N] float64
+    num_tokens: np.ndarray  # [N] int64
+    mean_logprob: np.ndarray  # [N] float64
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
+def _score_batch(params, lora_LxK, adapters_G, tokens_BxT, segment_ids_BxT, target_mask_BxT, *,
+                 cfg: ModelConfig, lora_cfg: Optional[LoraConfig]):
+    """Sum of log p(token_t | tokens_<t) over target positions, and the target count, per row."""
+    lora = gather_groups(lora_LxK, adapters_G)
+    positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
+    logits_BxTxV = transformer.forward(
+        params, tokens_BxT, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+        positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT,
+    )
+    logits_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32)  # predicts tokens 1..T-1
+    targets_BxT = tokens_BxT[:, 1:]
+    chosen_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    logp_BxT = chosen_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    mask_BxT = target_mask_BxT[:, 1:]
+    return jnp.sum(jnp.where(mask_BxT, logp_BxT, 0.0), axis=-1), jnp.sum(mask_BxT, axis=-1)
+
+
+def score_sequences(
+    params,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    cfg: ModelConfig,
+    lora: Optional[Any] = None,
+    lora_cfg: Optional[LoraConfig] = None,
+    adapter_index: Optional[Sequence[int]] = None,
+    batch_size: int = 16,
+    pad_id: Optional[int] = None,
+) -> SequenceScores:
+    """log p(completion | prompt) per row, with token counts and per-token means.
+
+    `lora` / `adapter_index` work as in `sampling.generate`: one adapter for all rows, or a
+    candidate stack `[K, L, ...]` with one candidate index per row. Prompts must be non-empty (the
+    first completion token needs context); an empty completion scores 0 over 0 tokens.
+    """
+    prompt_arrays = check_prompts(prompts, cfg, "prompt")
+    completion_arrays = check_prompts(completions, cfg, "completion")
+    n = len(prompt_arrays)
+    if len(completion_arrays) != n:
+        raise ValueError(f"got {len(completion_arrays)} completions for {n} prompts")
+    lora_LxK, index = prepare_lora(lora, lora_cfg, cfg, adapter_index, n)
+    if pad_id is None:
+        pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    lengths = [p.size + c.size for p, c in zip(prompt_arrays, completion_arrays)]
+
+    pending = []
+    for plan in plan_row_groups(index, lengths, batch_size):
+        rows, real = plan.rows, plan.real
+        b = len(rows)
+        length = bucket(max(lengths[r] for r in rows[real]), MIN_LENGTH_BUCKET)
+        tokens = np.full((b, length), pad_id, np.int32)
+        segments = np.zeros((b, length), np.int32)
+        targets = np.zeros((b, length), bool)
+        segments[~real, 0] = 1  # padding rows: one real token, so no row attends to nothing
+        for j in np.flatnonzero(real):
+            p, c = prompt_arrays[rows[j]], completion_arrays[rows[j]]
+            tokens[j, : p.size] = p
+            tokens[j, p.size : p.size + c.size] = c
+            segments[j, : p.size + c.size] = 1
+            targets[j, p.size : p.size + c.size] = True
+        result = _score_batch(
+            params, lora_LxK, jnp.asarray(plan.adapters), tokens, segments, targets,
+            cfg=cfg, lora_cfg=lora_cfg if lora_LxK is not None else None,
+        )
+        pending.append((plan, result))
+
+    total = np.zeros(n, np.float64)
+    count = np.zeros(n, np.int64)
+    for plan, (sum_B, count_B) in pending:
+        real_rows = plan.rows[plan.real]
+        total[real_rows] = np.asarray(sum_B)[plan.real]
+        count[real_rows] = np.asarray(count_B)[plan.real]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return SequenceScores(total, count, mean)
+
+
+def sequence_logprobs(
+    params,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    cfg: ModelConfig,
+    lora: Optional[Any] = None,
+    lora_cfg: Optional[LoraConfig] = None,
+    adapter_index: Optional[Sequence[int]] = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """sum log p(completion | prompt) per row (docs/DESIGN.md §4); see `score_sequences`."""
+    return score_sequences(
+        params, prompts, completions, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+        adapter_index=adapter_index, batch_size=batch_size,
+    ).sum_logprob
