@@ -182,3 +182,116 @@ def test_rejects_bad_tensors(tmp_path):
         load_peft_adapter(tmp_path / "bin", cfg)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_peft_adapter(tmp_path / "nothing", cfg)
+
+
+# --- parity with transformers + peft ----------------------------------------------------------------
+
+HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+              "up": "up_proj", "down": "down_proj"}
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
+def hf_checkpoint(request, tmp_path_factory):
+    """(dir, cfg, params): a tiny random fp32 transformers model saved with save_pretrained and read
+    back through seal_jax.model.hf."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from seal_jax.model.hf import load_hf_checkpoint
+
+    preset = get_preset(request.param)
+    common = dict(
+        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim, rope_theta=preset.rope_theta, rms_norm_eps=preset.rms_norm_eps,
+        tie_word_embeddings=preset.tie_word_embeddings,
+        max_position_embeddings=preset.max_position_embeddings,
+    )
+    if preset.architecture == "llama":
+        hf_cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    else:
+        hf_cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = cls(hf_cfg).float().eval()
+    with torch.no_grad():  # HF initialises biases and norms to constants; make them informative
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    cfg, params = load_hf_checkpoint(path)
+    cfg = cfg.replace(param_dtype="float32", compute_dtype="float32")
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return path, cfg, params
+
+
+def _fresh_hf_model(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+
+
+def _tokens(cfg):
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 11)).astype(np.int64)
+
+
+def _assert_logits_close(got, want, tol=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert rel <= tol, f"relative logits error {rel:.2e} > {tol:.0e}"
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("targets,use_rslora", [(("q", "v"), False), (ALL, True)])
+def test_import_matches_peft_forward(hf_checkpoint, tmp_path, targets, use_rslora):
+    import peft
+    import torch
+
+    from seal_jax.model.transformer import forward
+
+    path, cfg, params = hf_checkpoint
+    peft_model = peft.get_peft_model(_fresh_hf_model(path), peft.LoraConfig(
+        r=4, lora_alpha=12, lora_dropout=0.0, use_rslora=use_rslora, task_type="CAUSAL_LM",
+        target_modules=[HF_TARGETS[t] for t in targets], init_lora_weights=True)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # PEFT initialises B = 0: make the adapter actually change the output
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(tmp_path)
+
+    lora, lora_cfg = load_peft_adapter(tmp_path, cfg)
+    assert lora_cfg.targets == targets and lora_cfg.rank == 4
+    assert math.isclose(lora_cfg.scale, 12 / (math.sqrt(4) if use_rslora else 4))
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        want = peft_model(torch.from_numpy(tokens)).logits.numpy()
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            base_logits = base(torch.from_numpy(tokens)).logits.numpy()
+    assert np.max(np.abs(want - base_logits)) > 1e-2, "test adapter must change the logits"
+    got = forward(params, jnp.asarray(tokens, jnp.int32), cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+    _assert_logits_close(got, want)
+
+
+@pytest.mark.torch
+def test_export_loads_in_peft(hf_checkpoint, tmp_path):
+    import peft
+    import torch
+
+    from seal_jax.model.transformer import forward
+
+    path, cfg, params = hf_checkpoint
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "o", "up", "down"))
+    lora = _random_lora(cfg, lora_cfg, 3)
+    save_peft_adapter(tmp_path, lora, cfg, lora_cfg, base_model_name_or_path=str(path))
+
+    peft_model = peft.PeftModel.from_pretrained(_fresh_hf_model(path), tmp_path).eval()
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        want = peft_model(torch.from_numpy(tokens)).logits.numpy()
+    got = forward(params, jnp.asarray(tokens, jnp.int32), cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+    no_lora = forward(params, jnp.asarray(tokens, jnp.int32), cfg=cfg)
+    assert np.max(np.abs(np.asarray(got) - np.asarray(no_lora))) > 1e-2, "adapter must matter"
+    _assert_logits_close(got, want)
