@@ -1,0 +1,362 @@
+"""Inner loop: host plan tables, K-batched == K sequential, masking, failures, HF/torch parity.
+
+Compiles are the cost here (each distinct (K, bs, T, StepConfig) is one XLA program), so the device
+tests share a few shapes: one length bucket (64), K in {1, 4}, steps_per_chunk 8.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seal_jax import inner
+from seal_jax import lora as lora_lib
+from seal_jax.model import transformer
+from seal_jax.model.config import LoraConfig
+from seal_jax.model.presets import get_preset
+
+CFG = get_preset("tiny-llama")
+LC = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+PAD = 2
+IC = inner.InnerConfig(epochs=3, steps_per_chunk=8, length_buckets=(64,))
+
+
+def _tokens(rng, n):
+    return rng.integers(3, CFG.vocab_size, size=n).astype(np.int32)
+
+
+def _candidates(seed=0):
+    """Four candidates with different numbers and lengths of sequences (and one partial mask)."""
+    rng = np.random.default_rng(seed)
+    lens = ([10, 20, 30], [5, 41], [40], [7, 8, 9, 10, 11])
+    cands = [inner.CandidateData([_tokens(rng, n) for n in ls]) for ls in lens]
+    # Candidate 3: only the second half of each sequence is a target (output-only style loss).
+    cands[3].loss_masks = [np.r_[np.zeros(len(s) // 2), np.ones(len(s) - len(s) // 2)]
+                           for s in cands[3].sequences]
+    return cands
+
+
+HPARAMS = [{"lr": 5e-3, "seed": 3}, {"epochs": 2, "lr": 3e-3}, {"epochs": 4},
+           {"schedule": "cosine", "warmup_steps": 2, "lr": 5e-3}]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return transformer.init_params(CFG, jax.random.PRNGKey(0))
+
+
+_RUNS = {}
+
+
+def _batched(params, bs):
+    """The K=4 run shared by several tests (cached per batch size)."""
+    if bs not in _RUNS:
+        ic = IC.replace(batch_size=bs)
+        plan = inner.build_plan(_candidates(), HPARAMS, ic, pad_id=PAD)
+        _RUNS[bs] = (plan, inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic))
+    return _RUNS[bs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("schedule,warmup,total", [("linear", 0, 30), ("linear", 5, 23),
+                                                   ("cosine", 11, 40), ("cosine", 11, 7),
+                                                   ("constant", 3, 10)])
+def test_schedule_tables_match_hf(schedule, warmup, total):
+    torch = pytest.importorskip("torch")
+    from transformers import optimization
+
+    make = {"linear": optimization.get_linear_schedule_with_warmup,
+            "cosine": optimization.get_cosine_schedule_with_warmup,
+            "constant": lambda opt, w, t: optimization.get_constant_schedule_with_warmup(opt, w)}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make[schedule](opt, warmup, total)
+    want = []
+    for _ in range(total):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    got = 1e-3 * inner.schedule_multipliers(schedule, total, warmup)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_plan_tables():
+    cands = _candidates()
+    ic = IC.replace(batch_size=2)
+    plan = inner.build_plan(cands, HPARAMS, ic, pad_id=PAD)
+    epochs = [3, 2, 4, 3]
+    for k, cand in enumerate(cands):
+        n = len(cand.sequences)
+        per_epoch = math.ceil(n / 2)
+        steps = epochs[k] * per_epoch
+        assert plan.num_steps_K[k] == steps
+        assert plan.active_KxS[k].sum() == steps and plan.active_KxS[k, :steps].all()
+        idx = plan.batch_index_KxSxB[k, :steps].reshape(epochs[k], per_epoch * 2)
+        for epoch in idx:  # every sequence exactly once per epoch; odd N leaves one empty slot
+            assert sorted(epoch[epoch >= 0].tolist()) == list(range(n))
+            assert (epoch < 0).sum() == per_epoch * 2 - n
+        assert (plan.batch_index_KxSxB[k, steps:] == -1).all()
+        assert (plan.lr_KxS[k, steps:] == 0).all()
+        for i, seq in enumerate(cand.sequences):
+            np.testing.assert_array_equal(plan.tokens_KxNxT[k, i, : len(seq)], seq)
+            assert (plan.tokens_KxNxT[k, i, len(seq):] == PAD).all()
+            assert (plan.loss_mask_KxNxT[k, i, len(seq):] == 0).all()
+    # Epoch orders differ between epochs (a fresh permutation each epoch).
+    idx0 = plan.batch_index_KxSxB[3, :9].reshape(3, 6)
+    assert len({tuple(e) for e in idx0}) > 1
+    np.testing.assert_allclose(plan.lr_KxS[0, :6], 5e-3 * (6 - np.arange(6)) / 6, rtol=1e-6)
+    assert plan.lr_KxS[3, 0] == 0.0  # HF warmup starts from 0
+    assert (plan.step_length_S == 64).all()
+
+
+def test_plan_fractional_epochs_empty_candidates_and_buckets():
+    rng = np.random.default_rng(0)
+    cands = [inner.CandidateData([_tokens(rng, 10) for _ in range(5)]),
+             inner.CandidateData([]),
+             inner.CandidateData([_tokens(rng, 100), _tokens(rng, 20)]),
+             inner.CandidateData([_tokens(rng, 3000)])]
+    ic = inner.InnerConfig(batch_size=2)
+    plan = inner.build_plan(cands, [{"epochs": 1.5}, None, {"epochs": 0}, {"epochs": 1}], ic,
+                            pad_id=PAD)
+    assert plan.num_steps_K.tolist() == [math.ceil(1.5 * 3), 0, 0, 1]  # HF: ceil(E * steps/epoch)
+    assert plan.lengths_KxN[3, 0] == 2048  # truncated to the largest bucket, like the reference
+    assert plan.step_length_S.tolist() == [2048, 64, 64, 64, 64]
+    assert plan.chunks(2) == [(0, 1, 2048), (1, 3, 64), (3, 5, 64)]
+    counts = plan.token_counts()
+    assert counts["real_tokens"] == 5 * 10 + 4 * 10 + 2048  # 1.5 epochs: 3 + 2 batches of <= 2
+    assert counts["computed_tokens"] == (2048 + 4 * 64) * 4 * 2
+
+
+def test_reference_faithful_plan_pads_to_2048_with_eos_targets():
+    rng = np.random.default_rng(1)
+    seqs = [_tokens(rng, 30), _tokens(rng, 3000)]
+    ic = inner.InnerConfig(reference_faithful=True)
+    plan = inner.build_plan([inner.CandidateData(seqs)], None, ic, pad_id=PAD, eos_id=PAD)
+    assert plan.tokens_KxNxT.shape == (1, 2, 2048)
+    np.testing.assert_array_equal(plan.tokens_KxNxT[0, 0, :30], seqs[0])  # no EOS appended
+    assert (plan.tokens_KxNxT[0, 0, 30:] == PAD).all()
+    assert (plan.loss_mask_KxNxT[0] == 1).all()  # labels = input_ids, pads included
+    np.testing.assert_array_equal(plan.tokens_KxNxT[0, 1], seqs[1][:2048])
+    batch = plan.gather(0, 2, 2048, 4)
+    assert batch["tokens"].shape == (4, 1, 1, 2048) and batch["active"][:2].all()
+    assert not batch["active"][2:].any() and (batch["loss_mask"][2:] == 0).all()
+    assert plan.step_length_S.tolist() == [2048] * 20  # bs 1, 10 epochs, always the full length
+    with pytest.raises(ValueError, match="append_eos"):
+        inner.InnerConfig(reference_faithful=True, append_eos=True)
+
+
+def test_append_eos_and_errors():
+    seq = np.arange(3, 13)
+    plan = inner.build_plan([inner.CandidateData([seq])], None, IC.replace(append_eos=True),
+                            pad_id=0, eos_id=7)
+    assert plan.lengths_KxN[0, 0] == 11 and plan.tokens_KxNxT[0, 0, 10] == 7
+    assert plan.loss_mask_KxNxT[0, 0, :11].all() and plan.tokens_KxNxT[0, 0, 11] == 0
+    with pytest.raises(ValueError, match="eos_id"):
+        inner.build_plan([inner.CandidateData([seq])], None, IC.replace(append_eos=True), pad_id=0)
+    with pytest.raises(ValueError, match="unknown hyperparameter 'momentum'"):
+        inner.build_plan([inner.CandidateData([seq])], [{"momentum": 0.9}], IC, pad_id=0)
+    with pytest.raises(ValueError, match="candidate 0 sequence 0: loss mask shape"):
+        inner.build_plan([inner.CandidateData([seq], [np.ones(4)])], None, IC, pad_id=0)
+    with pytest.raises(ValueError, match="epochs"):
+        inner.build_plan([inner.CandidateData([seq])], [{"epochs": float("nan")}], IC, pad_id=0)
+    with pytest.raises(ValueError, match="microbatches"):
+        inner.InnerConfig(batch_size=3, microbatches=2)
+
+
+def test_shared_shuffle_aligns_lengths_across_candidates():
+    rng = np.random.default_rng(2)
+    # Same length profile in different orders; the long sequence sits at a different index.
+    cands = []
+    for k in range(16):
+        lens = [48] * 11 + [180]
+        rng.shuffle(lens)
+        cands.append(inner.CandidateData([_tokens(rng, n) for n in lens]))
+    base = inner.InnerConfig(epochs=10)
+    indep = inner.build_plan(cands, None, base, pad_id=PAD)
+    shared = inner.build_plan(cands, None, base.replace(shuffle="shared"), pad_id=PAD)
+    # Each candidate still sees every sequence once per epoch.
+    for k in range(16):
+        for epoch in shared.batch_index_KxSxB[k, :, 0].reshape(10, 12):
+            assert sorted(epoch.tolist()) == list(range(12))
+    # ... and at every step all candidates train on sequences of the same length.
+    rows = np.arange(16)[:, None]
+    used = shared.lengths_KxN[rows, shared.batch_index_KxSxB[:, :, 0]]
+    assert (used == used[:1]).all()
+    assert sorted(np.unique(shared.step_length_S).tolist()) == [64, 256]
+    assert (shared.step_length_S == 256).sum() == 10
+    assert (shared.token_counts()["computed_tokens"]
+            < 0.5 * indep.token_counts()["computed_tokens"])
+    assert shared.token_counts()["real_tokens"] == indep.token_counts()["real_tokens"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device side
+
+
+@pytest.mark.parametrize("bs", [1, 2])
+def test_batched_equals_sequential(params, bs):
+    plan, res = _batched(params, bs)
+    ic = IC.replace(batch_size=bs)
+    cands = _candidates()
+    assert not res.failed.any() and res.failure_reason == [None] * 4
+    assert (res.steps == plan.num_steps_K).all()
+    for k in range(4):
+        hp = {**HPARAMS[k], "seed": int(plan.seeds_K[k])}
+        single_plan = inner.build_plan([cands[k]], [hp], ic, pad_id=PAD)
+        np.testing.assert_array_equal(single_plan.batch_index_KxSxB[0],
+                                      plan.batch_index_KxSxB[k, : single_plan.num_steps])
+        single = inner.train_candidates(params, single_plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+        for a, b in zip(jax.tree.leaves(res.lora), jax.tree.leaves(single.lora)):
+            np.testing.assert_allclose(a[k], b[0], atol=1e-5, rtol=0)
+        steps = single.losses.shape[1]
+        np.testing.assert_allclose(res.losses[k, :steps], single.losses[0], atol=1e-5, rtol=0)
+        # A finished candidate takes no further steps (and its adapter stopped changing: above).
+        assert np.isnan(res.losses[k, steps:]).all()
+    assert np.isfinite(res.losses[plan.active_KxS]).all()
+
+
+@jax.jit
+def _nll_sum_padded(params, lora, tokens_64, mask_64):
+    """sum(mask * nll), #targets of one right-padded row, with no attention mask at all: causal
+    attention keeps the real positions independent of the pads after them (independent of the
+    engine's segment-id masking)."""
+    tokens = tokens_64[None]
+    logits = transformer.forward(params, tokens, cfg=CFG, lora=lora,
+                                 lora_cfg=None if lora is None else LC)[0, :-1]
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[0, 1:, None], -1)[:, 0]
+    w = mask_64[1:]
+    return jnp.sum(w * nll), jnp.sum(w > 0)
+
+
+def _nll_sum(params, lora, seq, mask):
+    n = len(seq)
+    tokens = np.full(64, PAD, np.int32)
+    tokens[:n] = seq
+    weights = np.zeros(64, np.float32)
+    weights[:n] = mask
+    return _nll_sum_padded(params, lora, tokens, weights)
+
+
+def test_first_step_loss_is_hf_masked_mean(params):
+    """Step 0 (B = 0, i.e. the base model): sum(mask * nll) / #targets over the two sequences of the
+    batch, each scored at its own length (padding excluded)."""
+    plan, res = _batched(params, 2)
+    cands = _candidates()
+    for k in range(4):
+        total, count = 0.0, 0
+        for i in plan.batch_index_KxSxB[k, 0]:
+            if i < 0:
+                continue
+            mask = (np.ones(len(cands[k].sequences[i])) if cands[k].loss_masks is None
+                    else cands[k].loss_masks[i])
+            s, c = _nll_sum(params, None, cands[k].sequences[i], mask)
+            total, count = total + float(s), count + int(c)
+        np.testing.assert_allclose(res.losses[k, 0], total / count, rtol=1e-5)
+
+
+def test_nonfinite_candidate_fails_alone_and_others_are_bit_identical(params):
+    plan_ok, res_ok = _batched(params, 1)
+    bad = [dict(h) for h in HPARAMS]
+    bad[1]["lr"] = float("inf")
+    plan = inner.build_plan(_candidates(), bad, IC, pad_id=PAD)
+    res = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=IC)
+    assert res.failed.tolist() == [False, True, False, False]
+    assert "non-finite parameters" in res.failure_reason[1] and "step 0" in res.failure_reason[1]
+    assert res.failed_step[1] == 0 and res.steps[1] == 0
+    init = lora_lib.init_lora_from_seeds(CFG, LC, plan.seeds_K)
+    for got, want in zip(jax.tree.leaves(res.lora), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(got[1], want[1])  # frozen at its last finite value
+    assert np.isnan(res.losses[1, 1:]).all()
+    for k in (0, 2, 3):
+        for got, want in zip(jax.tree.leaves(res.lora), jax.tree.leaves(res_ok.lora)):
+            np.testing.assert_array_equal(got[k], want[k])
+        np.testing.assert_array_equal(res.losses[k], res_ok.losses[k])
+
+
+def test_memorisation_loss_decreases_and_zero_step_candidate_is_untouched(params):
+    # Random tiny weights give near-uniform logits (|logit| < 0.2) that a rank-4 adapter cannot make
+    # peaked; larger embeddings (same shapes, so the same compiled program) make memorising possible.
+    params = {**params, "embed": {"embedding": params["embed"]["embedding"] * 10}}
+    rng = np.random.default_rng(7)
+    seq = _tokens(rng, 40)
+    cands = [inner.CandidateData([seq])] * 4
+    hp = [{"lr": 5e-2, "seed": s, "epochs": 16} for s in range(3)] + [{"epochs": 0, "seed": 9}]
+    plan = inner.build_plan(cands, hp, IC, pad_id=PAD)
+    res = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=IC)
+    for k in range(3):
+        assert res.losses[k, -1] < 0.5 * res.losses[k, 0], res.losses[k]
+    assert res.steps.tolist() == [16, 16, 16, 0] and np.isnan(res.losses[3]).all()
+    init = lora_lib.init_lora(CFG, LC, jax.random.PRNGKey(9))
+    jax.tree.map(np.testing.assert_array_equal, lora_lib.candidate(res.lora, 3), init)
+    # The trained adapter really memorised: higher likelihood than the base model.
+    before, _ = _nll_sum(params, None, seq, np.ones(40))
+    after, _ = _nll_sum(params, lora_lib.candidate(res.lora, 0), seq, np.ones(40))
+    assert float(after) < 0.5 * float(before)
+
+
+def test_reference_faithful_loss_is_mean_over_all_shifted_positions(params):
+    rng = np.random.default_rng(3)
+    seq = _tokens(rng, 20)
+    ic = inner.InnerConfig(reference_faithful=True, faithful_length=64, epochs=1, learning_rate=0.0,
+                           steps_per_chunk=8)
+    plan = inner.build_plan([inner.CandidateData([seq])], None, ic, pad_id=PAD)
+    res = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+    padded = np.r_[seq, np.full(44, PAD)].astype(np.int32)
+    tokens = jnp.asarray(padded)[None]
+    logits = transformer.forward(params, tokens, cfg=CFG)[0, :-1]  # pads attended as tokens
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[0, 1:, None], -1)[:, 0]
+    np.testing.assert_allclose(res.losses[0, 0], float(jnp.mean(nll)), rtol=1e-5)  # / 63
+    # The EOS-on-padding targets dominate: most of the 63 targets are pads.
+    assert nll.shape == (63,)
+
+
+@pytest.mark.torch
+def test_clip_adamw_schedule_and_grad_accumulation_match_torch(params):
+    """Engine vs torch.optim.AdamW + clip_grad_norm_ + HF linear warmup schedule, fed gradients of an
+    independent plain-JAX loss (each sequence scored at its own length). bs 2 as 2 micro-batches."""
+    torch = pytest.importorskip("torch")
+    from transformers import optimization
+
+    rng = np.random.default_rng(11)
+    seqs = [_tokens(rng, 16) for _ in range(3)]
+    ic = inner.InnerConfig(batch_size=2, microbatches=2, epochs=2, learning_rate=2e-2,
+                           warmup_steps=1, max_grad_norm=0.05, weight_decay=0.1,
+                           length_buckets=(64,), steps_per_chunk=8)
+    plan = inner.build_plan([inner.CandidateData(seqs)], [{"seed": 4}], ic, pad_id=PAD)
+    res = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+
+    value_and_grad = jax.value_and_grad(
+        lambda lora, s: _nll_sum_padded(params, lora, s, (np.arange(64) < 16).astype(np.float32)),
+        has_aux=True)
+
+    def grad_fn(lora, seq):
+        return value_and_grad(lora, np.r_[seq, np.full(48, PAD)].astype(np.int32))
+    init = lora_lib.init_lora(CFG, LC, jax.random.PRNGKey(4))
+    leaves, treedef = jax.tree.flatten(init)
+    tparams = [torch.nn.Parameter(torch.tensor(np.asarray(x))) for x in leaves]
+    opt = torch.optim.AdamW(tparams, lr=2e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    sched = optimization.get_linear_schedule_with_warmup(opt, 1, plan.num_steps)
+    losses = []
+    for s in range(plan.num_steps):
+        lora = jax.tree.unflatten(treedef, [jnp.asarray(p.detach().numpy()) for p in tparams])
+        total, count, grads = 0.0, 0, None
+        for i in plan.batch_index_KxSxB[0, s]:
+            if i < 0:
+                continue
+            (l, c), g = grad_fn(lora, seqs[i])
+            total, count = total + float(l), count + int(c)
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        losses.append(total / count)
+        for p, g in zip(tparams, jax.tree.leaves(grads)):
+            p.grad = torch.tensor(np.asarray(g) / count)
+        torch.nn.utils.clip_grad_norm_(tparams, 0.05)
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(res.losses[0], losses, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(res.lora), tparams):
+        np.testing.assert_allclose(got[0], want.detach().numpy(), atol=2e-6, rtol=0)
+    assert res.grad_norms[0].min() > 0.05  # clipping was active on every step
