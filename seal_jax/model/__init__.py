@@ -1,8 +1,4 @@
-"""The policy / base model: config, Flax transformer, checkpoint import (HF, GGUF), tokenizer.
-
-Checkpoint modules (hf, gguf, embedded, loading, tokenizer) are imported lazily by their users; the
-names re-exported here are the ones most callers need.
-"""
+"""The policy / base model: config, Flax transformer, checkpoint import (HF, GGUF), tokenizer."""
 from seal_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig, RopeScaling
 from seal_jax.model.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from seal_jax.model.loading import load_model, load_tokenizer

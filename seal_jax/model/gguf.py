@@ -156,6 +156,6 @@ def load_gguf(path, *, param_dtype: str = "float32"):
             heads = cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads
             if logical_shape[0] % (2 * heads) == 0:  # else the shape check below reports it
                 array = unpermute_rows(array, heads)
-        return f"{source} in {path.name}", array
+        return f"{source!r} in {path}", array
 
     return cfg, params_from_tensors(cfg, fetch, param_dtype), meta

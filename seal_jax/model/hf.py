@@ -48,7 +48,7 @@ def params_from_tensors(cfg: ModelConfig, fetch: Callable[[str], tuple[str, np.n
                         param_dtype: str) -> dict:
     """Assemble Params from canonical tensors.
 
-    `fetch(name)` returns `(name_in_file, array)` for canonical names "embed", "final_norm",
+    `fetch(name)` returns `(description naming tensor and file, array)` for canonical names "embed", "final_norm",
     "lm_head" (untied only) and "layers.{i}.{attn_norm|mlp_norm|q|k|v|o|gate|up|down|q_bias|...}";
     arrays in the file's [out, in] orientation. Each tensor is cast to `param_dtype` as soon as it is
     read, so peak host memory stays near one copy of the model.
@@ -58,10 +58,11 @@ def params_from_tensors(cfg: ModelConfig, fetch: Callable[[str], tuple[str, np.n
     def get(name, shape):
         source, array = fetch(name)
         if tuple(array.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {source!r} has shape {tuple(array.shape)} but the model "
+            raise CheckpointError(f"tensor {source} has shape {tuple(array.shape)} but the model "
                                   f"config implies {tuple(shape)}")
         return array
 
+    embedding = get("embed", (cfg.vocab_size, cfg.hidden_size)).astype(dtype)
     layer_shapes = expected_source_shapes(cfg)
     stacked = {}
     for name, shape in layer_shapes.items():
@@ -80,7 +81,7 @@ def params_from_tensors(cfg: ModelConfig, fetch: Callable[[str], tuple[str, np.n
         return entry
 
     params = {
-        "embed": {"embedding": get("embed", (cfg.vocab_size, cfg.hidden_size)).astype(dtype)},
+        "embed": {"embedding": embedding},
         "layers": {
             "attn_norm": {"scale": stacked["attn_norm"]},
             "attn": {t: proj(t) for t in ("q", "k", "v", "o")},
@@ -289,7 +290,7 @@ def load_hf_checkpoint(path, *, param_dtype: Optional[str] = None):
                 raise CheckpointError(f"safetensors shard {file} (listed in the index) does not exist")
             handles[file] = _open_safetensors(file).__enter__()
         try:
-            return f"{source} ({file.name})", handles[file].get_tensor(source)
+            return f"{source!r} in {file}", handles[file].get_tensor(source)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {source!r} from {file}: {e}") from e
 
