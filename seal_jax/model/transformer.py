@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from seal_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig
+from seal_jax.model.config import LoraConfig, ModelConfig
 
 Params = dict
 Lora = dict
@@ -105,9 +105,11 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.cfg.param_dtype)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
+                           jnp.dtype(self.cfg.param_dtype))
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(mean_square + self.cfg.rms_norm_eps)
         dtype = self.cfg.dtype
         return normed.astype(dtype) * scale.astype(dtype)
 
@@ -143,10 +145,11 @@ class Projection(nn.Module):
     def __call__(self, x, lora_ab: Optional[dict] = None):
         cfg = self.cfg
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
-                            cfg.param_dtype)
+                            jnp.dtype(cfg.param_dtype))
         y = x @ kernel.astype(cfg.dtype)
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                              jnp.dtype(cfg.param_dtype))
             y = y + bias.astype(cfg.dtype)
         if lora_ab is not None:
             def dropout(v):
