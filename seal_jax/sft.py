@@ -1,0 +1,122 @@
+"""The ReST-EM M-step: supervised fine-tuning of the policy on its own best self-edits.
+
+Input: examples (prompt_ids, completion_ids, weight). Each becomes one training sequence
+prompt + completion + EOS whose loss mask is 0 on the prompt and `weight` on the completion and the
+EOS (TRL's completion-only loss, which appends EOS to the completion). Weights are 0/1 filters or
+reward weights: a weight-0 example is dropped before batching, so it has no effect at all (not even
+on which examples share a batch); a weight w > 0 scales that example's token losses, and each step's
+loss is sum(w * nll) / #target tokens (so weights of 1 are exactly HF's per-step mean).
+
+Training reuses the inner loop (`seal_jax.inner`) as a single candidate: same host plan, same
+compiled chunk program, same AdamW/clipping/schedule (torch semantics), gradient accumulation via
+`microbatches`. With a LoRA config the adapter is trained and merged into the base (W + scale*A@B in
+fp32, cast back), as the reference's `merge_and_unload`; the next round starts from the merged model
+with a fresh adapter. With `lora=None` the base params themselves are trained (fp32 master copy).
+
+Reference recipe (knowledge, `train_SFT.py`): LoRA r64 / alpha 128 on all seven projections, lr 3e-4,
+2 epochs, global batch 10 (per-device 1 x grad-accum 5 x 2 GPUs), linear decay, no warmup, AdamW
+defaults, no truncation. Those are the `SFTConfig` defaults; microbatches=10 keeps the reference's
+one-sequence-at-a-time activation memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from seal_jax import inner
+from seal_jax import lora as lora_lib
+from seal_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig
+
+Example = tuple  # (prompt_ids, completion_ids, weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    lora: Optional[LoraConfig] = LoraConfig(rank=64, alpha=128.0, targets=LORA_TARGETS)
+    learning_rate: float = 3e-4
+    epochs: float = 2
+    batch_size: int = 10  # global batch (examples per optimizer step)
+    microbatches: int = 10  # gradient-accumulation micro-batches per step
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    seed: int = 42  # shuffle and adapter init (HF's default seed)
+    length_buckets: tuple = (128, 256, 512, 1024, 2048, 4096, 8192)
+    steps_per_chunk: int = 16
+
+    def inner_config(self) -> inner.InnerConfig:
+        return inner.InnerConfig(
+            batch_size=self.batch_size, epochs=self.epochs, learning_rate=self.learning_rate,
+            schedule=self.schedule, warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay,
+            adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps, append_eos=False,
+            length_buckets=tuple(self.length_buckets), steps_per_chunk=self.steps_per_chunk,
+            microbatches=self.microbatches)
+
+
+def build_sft_candidate(examples: Sequence[Example], *, eos_id: int,
+                        max_length: Optional[int] = None) -> tuple[inner.CandidateData, list[int]]:
+    """One inner-loop candidate from the examples with weight > 0, and the indices it kept."""
+    sequences, masks, kept = [], [], []
+    for i, example in enumerate(examples):
+        if len(example) != 3:
+            raise ValueError(f"example {i}: expected (prompt_ids, completion_ids, weight), got "
+                             f"{len(example)} fields")
+        prompt, completion, weight = example
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"example {i}: weight must be finite and >= 0, got {weight}")
+        if weight == 0:
+            continue
+        prompt = np.asarray(prompt, np.int32).reshape(-1)
+        completion = np.asarray(completion, np.int32).reshape(-1)
+        seq = np.concatenate([prompt, completion, np.array([eos_id], np.int32)])
+        if max_length is not None and len(seq) > max_length:
+            raise ValueError(f"example {i}: prompt + completion + EOS is {len(seq)} tokens, longer "
+                             f"than the largest length bucket ({max_length}); the reference does not "
+                             f"truncate, so raise SFTConfig.length_buckets")
+        mask = np.zeros(len(seq), np.float32)
+        mask[len(prompt):] = weight
+        sequences.append(seq)
+        masks.append(mask)
+        kept.append(i)
+    return inner.CandidateData(sequences, masks), kept
+
+
+def sft_update(params, examples: Sequence[Example], *, cfg: ModelConfig,
+               sft_cfg: SFTConfig = SFTConfig(), eos_id: int, pad_id: Optional[int] = None,
+               mesh=None, rules=None) -> tuple[Any, dict]:
+    """Fine-tune the policy on the examples; returns (new base params, metrics).
+
+    With `sft_cfg.lora`, the trained adapter is merged into a copy of `params` (the input is not
+    modified). If training hits a non-finite loss/gradient, the adapter/params from the last finite
+    step are used and metrics["failure_reason"] says so.
+    """
+    pad_id = eos_id if pad_id is None else pad_id
+    candidate, kept = build_sft_candidate(examples, eos_id=eos_id,
+                                          max_length=max(sft_cfg.length_buckets))
+    metrics = {"examples": len(examples), "examples_used": len(kept), "steps": 0, "losses": [],
+               "failed": False, "failure_reason": None,
+               "target_tokens": int(sum(float((m > 0).sum()) for m in candidate.loss_masks))}
+    if not kept:
+        return params, metrics
+    inner_cfg = sft_cfg.inner_config()
+    plan = inner.build_plan([candidate], [{"seed": sft_cfg.seed}], inner_cfg, pad_id=pad_id)
+    result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=sft_cfg.lora,
+                                    inner_cfg=inner_cfg, mesh=mesh, rules=rules)
+    metrics.update(steps=int(result.steps[0]), losses=result.losses[0].tolist(),
+                   failed=bool(result.failed[0]), failure_reason=result.failure_reason[0])
+    if sft_cfg.lora is None:
+        new_params = jax.tree.map(lambda a: a[0], result.lora)
+    else:
+        new_params = lora_lib.merge_lora(params, lora_lib.candidate(result.lora, 0), cfg,
+                                         sft_cfg.lora)
+    return new_params, metrics
