@@ -12,6 +12,8 @@ through `generate`, which turns a ragged list of requests into a few fixed-shape
   positions count only its real tokens, so padding changes nothing but the batch shape.
 * One jitted function per (bucketed) shape does the prefill and then a `lax.while_loop` over decode
   steps that stops as soon as every row has hit a stop token or its own `max_new_tokens`.
+  The prefill runs all but the last prompt column in chunks whose logits are discarded (XLA then
+  drops their LM-head matmul, and no [B, P, V] array ever exists), then the last column alone.
   Batch size, prompt length and generation length are rounded up to powers of two, so a long run
   compiles a handful of programs, and `jax.jit` keeps them.
 
@@ -38,6 +40,7 @@ Lora = Any
 Params = Any
 
 MIN_PROMPT_BUCKET = 16
+PREFILL_CHUNK = 256  # prompt tokens per prefill step: bounds the [B, heads, chunk, S] scores
 MIN_NEW_TOKENS_BUCKET = 16
 MIN_STOP_BUCKET = 4
 
@@ -196,6 +199,12 @@ def prepare_lora(
     return grouped, index
 
 
+def on_device(params: Params) -> Params:
+    """Host (numpy) leaves -> device arrays, once per call rather than once per batch; device
+    arrays (sharded or not) pass through untouched."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+
+
 def gather_groups(lora_LxK: Optional[Lora], adapters_G: jax.Array) -> Optional[Lora]:
     """[L, K, ...] -> [L, G, ...]: the adapters of one batch's groups (traced, once per batch)."""
     if lora_LxK is None:
@@ -234,7 +243,7 @@ def _pick_tokens(logits_BxV, keys_B, temperature_B, top_p_B, *, stochastic: bool
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "lora_cfg", "max_new_bucket", "cache_len", "stochastic", "nucleus"),
+    static_argnames=("cfg", "lora_cfg", "max_new_bucket", "prefill_chunk", "stochastic", "nucleus"),
 )
 def _generate_batch(
     params,
@@ -253,11 +262,13 @@ def _generate_batch(
     cfg: ModelConfig,
     lora_cfg: Optional[LoraConfig],
     max_new_bucket: int,
-    cache_len: int,
+    prefill_chunk: int,
     stochastic: bool,
     nucleus: bool,
 ):
     """Prefill left-padded prompts, then decode until every row is done.
+
+    tokens_BxP holds P = Q + 1 columns, Q a multiple of prefill_chunk (or smaller than it).
 
     Returns (tokens_BxN with pad after each row's end, count_B tokens emitted per row including a
     stop token, stopped_B whether the row ended on a stop token).
@@ -276,13 +287,31 @@ def _generate_batch(
 
     length_B = prompt_mask_BxP.sum(axis=-1).astype(jnp.int32)
     positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0).astype(jnp.int32)
-    cache = transformer.init_cache(cfg, batch, cache_len)
-    logits_BxPxV, cache = transformer.forward_with_cache(
-        params, tokens_BxP, cache, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
-        positions_BxT=positions_BxP, token_mask_BxT=prompt_mask_BxP,
+    prefix_len = tokens_BxP.shape[1] - 1
+    chunk = min(prefill_chunk, prefix_len)
+    # Cache slots: Q prefix + 1 last prompt token + (max_new_bucket - 1) fed-back tokens.
+    cache = transformer.init_cache(cfg, batch, prefix_len + max_new_bucket)
+
+    def prefill_chunk_step(cache, chunk_inputs):
+        tokens_BxC, positions_BxC, mask_BxC = chunk_inputs
+        _, cache = transformer.forward_with_cache(
+            params, tokens_BxC, cache, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+            positions_BxT=positions_BxC, token_mask_BxT=mask_BxC,
+        )
+        return cache, None
+
+    def chunks(x_BxP):  # [B, Q + 1] -> [Q / chunk, B, chunk]
+        return x_BxP[:, :prefix_len].reshape(batch, prefix_len // chunk, chunk).swapaxes(0, 1)
+
+    cache, _ = jax.lax.scan(
+        prefill_chunk_step, cache, (chunks(tokens_BxP), chunks(positions_BxP), chunks(prompt_mask_BxP))
     )
     # Left padding puts every row's last prompt token in the last column.
-    tok_B = pick(logits_BxPxV[:, -1], 0)
+    logits_Bx1xV, cache = transformer.forward_with_cache(
+        params, tokens_BxP[:, -1:], cache, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+        positions_BxT=positions_BxP[:, -1:], token_mask_BxT=prompt_mask_BxP[:, -1:],
+    )
+    tok_B = pick(logits_Bx1xV[:, 0], 0)
     live_B = max_new_B > 0
     tok_B = jnp.where(live_B, tok_B, pad_id)
     stopped_B = is_stop(tok_B) & live_B
@@ -360,6 +389,7 @@ def generate(
     adapter_index: Optional[Sequence[int]] = None,
     tokenizer=None,
     batch_size: int = 32,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> list[Generation]:
     """Complete every prompt; results come back in prompt order.
 
@@ -370,6 +400,8 @@ def generate(
     """
     arrays = check_prompts(prompts, cfg)
     n = len(arrays)
+    if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
     if isinstance(sampling, SamplingParams):
         per_row = [sampling] * n
     else:
@@ -377,6 +409,7 @@ def generate(
         if len(per_row) != n:
             raise ValueError(f"got {len(per_row)} SamplingParams for {n} prompts")
     lora_LxK, index = prepare_lora(lora, lora_cfg, cfg, adapter_index, n)
+    params = on_device(params)
     pad_id = _pad_id(cfg, tokenizer)
     stops = [_resolve_stop_ids(sp, cfg, tokenizer) for sp in per_row]
     for i, (a, sp) in enumerate(zip(arrays, per_row)):
@@ -391,7 +424,8 @@ def generate(
         rows = plan.rows
         real = plan.real
         b = len(rows)
-        prompt_len = bucket(max(arrays[r].size for r in rows[real]), MIN_PROMPT_BUCKET)
+        # Q prefix columns (a power of two, so prefill chunks tile it) + the last prompt token.
+        prompt_len = bucket(max(arrays[r].size for r in rows[real]) - 1, MIN_PROMPT_BUCKET) + 1
         max_new = max(per_row[r].max_new_tokens for r in rows[real])
         max_new_bucket = bucket(max(max_new, 1), MIN_NEW_TOKENS_BUCKET)
         stop_width = bucket(max(len(stops[r]) for r in rows[real]), MIN_STOP_BUCKET)
@@ -424,7 +458,7 @@ def generate(
             params, lora_LxK, jnp.asarray(plan.adapters), tokens, mask, max_new_B, stop_BxS,
             temperature_B, top_p_B, seed_B, request_B, np.int32(pad_id),
             cfg=cfg, lora_cfg=lora_cfg if lora_LxK is not None else None,
-            max_new_bucket=max_new_bucket, cache_len=prompt_len + max_new_bucket,
+            max_new_bucket=max_new_bucket, prefill_chunk=prefill_chunk,
             stochastic=stochastic, nucleus=nucleus,
         )
         pending.append((plan, result))  # dispatch is asynchronous: build the next batch meanwhile

@@ -18,7 +18,8 @@ import numpy as np
 
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
-from seal_jax.sampling import bucket, check_prompts, gather_groups, plan_row_groups, prepare_lora
+from seal_jax.sampling import (bucket, check_prompts, gather_groups, on_device, plan_row_groups,
+                               prepare_lora)
 
 MIN_LENGTH_BUCKET = 16
 
@@ -74,6 +75,7 @@ def score_sequences(
     if len(completion_arrays) != n:
         raise ValueError(f"got {len(completion_arrays)} completions for {n} prompts")
     lora_LxK, index = prepare_lora(lora, lora_cfg, cfg, adapter_index, n)
+    params = on_device(params)
     if pad_id is None:
         pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
     lengths = [p.size + c.size for p, c in zip(prompt_arrays, completion_arrays)]

@@ -85,6 +85,16 @@ def test_ragged_batch_matches_each_alone(model):
         assert gen.token_ids == alone.token_ids
 
 
+def test_chunked_prefill_matches_one_chunk(llama):
+    cfg, params = llama
+    prompts = random_prompts(cfg, [12, 3, 16, 7], seed=9)  # 16 prefix columns: 4 chunks of 4
+    whole = generate(params, prompts, cfg=cfg, sampling=NO_STOP)
+    chunked = generate(params, prompts, cfg=cfg, sampling=NO_STOP, prefill_chunk=4)
+    assert [g.token_ids for g in chunked] == [g.token_ids for g in whole]
+    with pytest.raises(ValueError, match="power of two"):
+        generate(params, prompts, cfg=cfg, prefill_chunk=6)
+
+
 def test_per_row_stop_and_max_new_tokens(llama):
     cfg, params = llama
     prompts = random_prompts(cfg, [5, 8, 6, 4], seed=2)

@@ -108,3 +108,15 @@ def test_bad_input_raises():
         sequence_logprobs(params, [[]], [[3]], cfg=cfg)
     with pytest.raises(ValueError, match="completion 0 has token id"):
         sequence_logprobs(params, [[1]], [[cfg.vocab_size + 3]], cfg=cfg)
+
+
+@pytest.mark.slow
+def test_embedded_model_prefers_the_right_answer(embedded_model):
+    cfg, params, tokenizer = embedded_model
+    prompt = tokenizer.encode("The capital of France is")
+    answers = [tokenizer.encode(" Paris"), tokenizer.encode(" a banana")]
+    scores = score_sequences(params, [prompt, prompt], answers, cfg=cfg)
+    assert scores.sum_logprob[0] > scores.sum_logprob[1]
+    # Scored in a batch or alone, a row's log-prob is the same.
+    [alone] = sequence_logprobs(params, [prompt], [answers[0]], cfg=cfg)
+    np.testing.assert_allclose(alone, scores.sum_logprob[0], rtol=1e-4)
