@@ -130,6 +130,11 @@ def test_special_tokens_cut_the_text():
     # Listed tokenizer-specific spellings count too; the earliest hit wins.
     text, issues = clean_self_edit("A fact.</s> more <|endoftext|>", special_tokens=["</s>"])
     assert text == "A fact." and "'</s>'" in issues[0].detail
+    # A tokenizer's own special-token list is used when it has one (seal_jax Tokenizer does).
+    tok = ByteTokenizer()
+    tok.special_tokens = ("<file_sep>",)
+    text, issues = clean_self_edit("Fact one.<file_sep>junk", tokenizer=tok)
+    assert text == "Fact one." and codes(issues) == [S.SPECIAL_TOKENS]
     # Nothing left after the cut: also fatal.
     text, issues = clean_self_edit("<|im_start|>assistant\nhello")
     assert text == "" and codes(issues) == [S.SPECIAL_TOKENS, S.EMPTY] and is_rejected(issues)

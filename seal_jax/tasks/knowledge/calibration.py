@@ -46,12 +46,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.chunk = 64  # items per grade() call (progress granularity)
     c.out_dir = "bench/results"
     c.name = ""  # run key in the results file; default describes grader and sample
+    c.note = ""  # free text kept with the run and shown in the markdown (e.g. how a knob was chosen)
     c.grader = ml_collections.ConfigDict()
     c.grader.kind = "em_f1"  # em_f1 | llm_judge | http
     c.grader.f1_threshold = 0.5
     c.grader.recall_threshold = -1.0  # < 0: off
     c.grader.judge_model = "embedded"
     c.grader.judge_batch_size = 8
+    c.grader.judge_dtype = "float32"  # "" keeps the checkpoint's dtype
     c.grader.judge_threshold = 0.0
     c.grader.http_base_url = "https://api.openai.com/v1"
     c.grader.http_model = "gpt-4.1"
@@ -234,6 +236,7 @@ def run_calibration(c: ml_collections.ConfigDict, grader=None) -> dict[str, Any]
         "seconds": seconds,
         "seconds_per_row": seconds / max(len(rows), 1),
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "note": c.note,
         **agreement_stats([v.correct for v in verdicts], ref, votes),
     }
     errors = sorted({v.error for v in verdicts if v.error})
@@ -298,7 +301,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                               f"{REFERENCE} yes", "vote-weighted agr.", "s/row"], table), ""]
 
     for key, r in runs.items():
-        notes = []
+        notes = [r["note"]] if r.get("note") else []
         lex = r.get("lexical_same_rows")
         if lex and lex["agreement"] is not None and r["agreement"] is not None:
             diff = r["agreement"] - lex["agreement"]

@@ -421,7 +421,9 @@ def make_grader(section, *, load_model: Callable[[str], tuple] | None = None) ->
     if kind == "llm_judge":
         if load_model is None:
             from seal_jax.model.loading import load_model
-        cfg, params, tokenizer = load_model(section.judge_model)
+        dtype = section.get("judge_dtype", "")  # e.g. "float32": bf16 matmuls are slow on CPU
+        cfg, params, tokenizer = (load_model(section.judge_model, param_dtype=dtype) if dtype
+                                  else load_model(section.judge_model))
         if tokenizer is None:
             raise ValueError(f"judge model {section.judge_model!r} has no tokenizer")
         return LocalJudgeGrader(cfg, params, tokenizer,

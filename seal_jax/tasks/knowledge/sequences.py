@@ -96,8 +96,8 @@ def clean_self_edit(text: str, *, tokenizer: TokenCounter | None = None, max_tok
                     special_tokens: Sequence[str] = ()) -> tuple[str, list[Issue]]:
     """Screen a self-edit; returns the text to build sequences from and the issues found.
 
-    * special tokens (`<|...|>` spellings, plus any listed in `special_tokens`): the text is cut at
-      the first one, since whatever follows an end-of-turn marker is the model talking past its turn;
+    * special tokens (`<|...|>` spellings, the tokenizer's `special_tokens` if it has that attribute,
+      and any listed in `special_tokens`): the text is cut at the first one, since whatever follows an end-of-turn marker is the model talking past its turn;
     * `max_tokens` (needs `tokenizer`): an edit longer than that is cut to its first `max_tokens`
       tokens (`on_overflow="truncate"`, recorded, not fatal) or rejected (`"reject"`, fatal);
     * empty or word-less text (after the cuts) is fatal: there is nothing to learn from.
@@ -110,7 +110,7 @@ def clean_self_edit(text: str, *, tokenizer: TokenCounter | None = None, max_tok
         raise TypeError(f"self-edit must be a string, got {type(text).__name__}")
     issues: list[Issue] = []
 
-    cut = _first_special(text, special_tokens)
+    cut = _first_special(text, tuple(special_tokens) + tuple(getattr(tokenizer, "special_tokens", ())))
     if cut is not None:
         pos, token = cut
         issues.append(Issue(SPECIAL_TOKENS, f"special token {token!r} at character {pos}; text cut there",
