@@ -1,4 +1,6 @@
 """Transformer: masks, packing, KV-cache decoding, LoRA (shared / grouped / vmapped), remat, dtypes."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +15,10 @@ fwd = jax.jit(T.forward, static_argnames=("cfg", "lora_cfg"))
 decode_step = jax.jit(T.forward_with_cache, static_argnames=("cfg", "lora_cfg"))
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
-def model(request):
-    cfg = get_preset(request.param)
+@functools.lru_cache(maxsize=None)
+def preset_params(name):
+    """Random params of a preset, initialised once per session (compiling init is the slow part)."""
+    cfg = get_preset(name)
     params = T.init_params(cfg, jax.random.key(0))
     if cfg.attention_bias:  # zero-init biases would leave the bias path untested
         params = jax.tree_util.tree_map_with_path(
@@ -23,13 +26,15 @@ def model(request):
     return cfg, params
 
 
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
+def model(request):
+    return preset_params(request.param)
+
+
 @pytest.fixture(scope="module")
-def qwen(request):
+def qwen():
     """LoRA behaviour does not depend on the architecture: test it once, on the variant with biases."""
-    cfg = get_preset("tiny-qwen2")
-    params = T.init_params(cfg, jax.random.key(0))
-    return cfg, jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.05 if path[-1].key == "bias" else x, params)
+    return preset_params("tiny-qwen2")
 
 
 def random_lora(cfg, lora_cfg, key, groups=None):
@@ -217,8 +222,7 @@ def test_lora_validation_errors(qwen):
 
 
 def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
-    cfg = get_preset("tiny-llama")
-    params = T.init_params(cfg, jax.random.key(0))
+    cfg, params = preset_params("tiny-llama")
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"), dropout=0.5)
     lora = random_lora(cfg, lora_cfg, jax.random.key(9))
     tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, cfg.vocab_size)
@@ -245,9 +249,8 @@ def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
 
 
 def test_bfloat16_forward_is_close_to_float32():
-    cfg32 = get_preset("tiny-qwen2")
+    cfg32, params32 = preset_params("tiny-qwen2")
     cfg16 = cfg32.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
-    params32 = T.init_params(cfg32, jax.random.key(0))
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
     tokens = jax.random.randint(jax.random.key(11), (2, 9), 0, cfg32.vocab_size)
     segs = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
