@@ -107,6 +107,10 @@ class InnerConfig:
     shuffle: str = "independent"  # 'independent' (per-candidate seed) | 'shared' (see module doc)
     shuffle_seed: int = 0  # permutation seed of shuffle='shared'
     microbatches: int = 1  # gradient accumulation: the batch is split into this many micro-batches
+    # K is padded with inactive dummy candidates up to the smallest of these that fits (e.g.
+    # (8, 16, 32, 64)), so rounds with a varying number of candidates reuse compiled programs.
+    # Empty: K as given (still padded to a multiple of the candidate mesh shards).
+    candidate_buckets: tuple = ()
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -127,6 +131,10 @@ class InnerConfig:
         if self.reference_faithful and self.append_eos:
             raise ValueError("reference_faithful reproduces the reference, which appends no EOS; "
                              "set append_eos=False")
+        if list(self.candidate_buckets) != sorted(set(self.candidate_buckets)) or any(
+                b < 1 for b in self.candidate_buckets):
+            raise ValueError(f"candidate_buckets must be increasing positive sizes, got "
+                             f"{self.candidate_buckets}")
         if self.reference_faithful and self.faithful_length < 2:
             raise ValueError(f"faithful_length must be >= 2, got {self.faithful_length}")
 
@@ -382,30 +390,34 @@ def build_plan(candidates: Sequence[CandidateData],
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """The static part of one optimizer step (hashable: one compiled program per distinct value)."""
+    """The static part of one optimizer step (hashable: one compiled program per distinct value).
+
+    Optimizer scalars (clip norm, weight decay, Adam betas/eps) are *not* here: they are passed as
+    arrays, so changing them between rounds or domains reuses the compiled program.
+    """
 
     cfg: ModelConfig
     lora_cfg: Optional[LoraConfig]  # None: full fine-tune of the base params
-    max_grad_norm: Optional[float]
-    weight_decay: float
-    adam_b1: float
-    adam_b2: float
-    adam_eps: float
     reference_faithful: bool
     microbatches: int
 
     @classmethod
     def from_inner(cls, cfg: ModelConfig, lora_cfg: Optional[LoraConfig],
                    inner_cfg: InnerConfig) -> "StepConfig":
-        return cls(cfg=cfg, lora_cfg=lora_cfg, max_grad_norm=inner_cfg.max_grad_norm or None,
-                   weight_decay=float(inner_cfg.weight_decay), adam_b1=float(inner_cfg.adam_b1),
-                   adam_b2=float(inner_cfg.adam_b2), adam_eps=float(inner_cfg.adam_eps),
-                   reference_faithful=inner_cfg.reference_faithful,
+        return cls(cfg=cfg, lora_cfg=lora_cfg, reference_faithful=inner_cfg.reference_faithful,
                    microbatches=inner_cfg.microbatches)
 
     @property
     def full_finetune(self) -> bool:
         return self.lora_cfg is None
+
+
+def optimizer_hparams(inner_cfg: InnerConfig) -> dict:
+    """The dynamic optimizer scalars of `InnerConfig` (no clipping = an infinite max norm)."""
+    clip = inner_cfg.max_grad_norm if inner_cfg.max_grad_norm else np.inf
+    return {name: np.float32(value) for name, value in (
+        ("max_grad_norm", clip), ("weight_decay", inner_cfg.weight_decay),
+        ("b1", inner_cfg.adam_b1), ("b2", inner_cfg.adam_b2), ("eps", inner_cfg.adam_eps))}
 
 
 def _sum_nll(step_cfg: StepConfig, trainable, frozen, tokens_BxT, mask_BxT, lengths_B, dropout_rng):
@@ -440,7 +452,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _train_step(step_cfg: StepConfig, frozen, state: dict, x: dict):
+def _train_step(step_cfg: StepConfig, frozen, hyper: dict, state: dict, x: dict):
     """One optimizer step of ONE candidate (vmapped over K by the caller)."""
     trainable = state["params"]
     dropout_rng = jax.random.fold_in(state["rng"], x["step"])
@@ -470,13 +482,12 @@ def _train_step(step_cfg: StepConfig, frozen, state: dict, x: dict):
     loss = loss_sum / denom
     grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
     grad_norm = _global_norm(grads)
-    if step_cfg.max_grad_norm:
-        # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up.
-        coef = jnp.minimum(1.0, step_cfg.max_grad_norm / (grad_norm + 1e-6))
-        grads = jax.tree.map(lambda g: g * coef, grads)
+    # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up.
+    coef = jnp.minimum(1.0, hyper["max_grad_norm"] / (grad_norm + 1e-6))
+    grads = jax.tree.map(lambda g: g * coef, grads)
 
     # AdamW, torch semantics (decoupled decay scaled by lr; bias corrections on the step size).
-    b1, b2, eps = step_cfg.adam_b1, step_cfg.adam_b2, step_cfg.adam_eps
+    b1, b2, eps = hyper["b1"], hyper["b2"], hyper["eps"]
     lr = x["lr"]
     count_t = state["count"] + 1
     t = count_t.astype(jnp.float32)
@@ -487,7 +498,7 @@ def _train_step(step_cfg: StepConfig, frozen, state: dict, x: dict):
 
     def update(p, m_, v_):
         p32 = p.astype(jnp.float32)
-        p32 = p32 * (1 - lr * step_cfg.weight_decay)
+        p32 = p32 * (1 - lr * hyper["weight_decay"])
         return (p32 - step_size * m_ / (jnp.sqrt(v_) / bc2_sqrt + eps)).astype(p.dtype)
 
     new_params = jax.tree.map(update, trainable, mu, nu)
@@ -518,16 +529,16 @@ def _train_step(step_cfg: StepConfig, frozen, state: dict, x: dict):
     return new_state, (jnp.where(was_running, loss, nan), jnp.where(was_running, grad_norm, nan))
 
 
-def _run_chunk(step_cfg: StepConfig, frozen, state: dict, xs: dict, num_valid):
+def _run_chunk(step_cfg: StepConfig, frozen, hyper: dict, state: dict, xs: dict, num_valid):
     """Steps 0..num_valid-1 of a chunk for all K candidates. xs leaves are [C, K, ...]."""
     chunk, k_count = xs["lr"].shape
-    vstep = jax.vmap(functools.partial(_train_step, step_cfg), in_axes=(None, 0, 0))
+    vstep = jax.vmap(functools.partial(_train_step, step_cfg), in_axes=(None, None, 0, 0))
     nan_CxK = jnp.full((chunk, k_count), jnp.nan, jnp.float32)
 
     def body(i, carry):
         state, losses, norms = carry
         x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs)
-        state, (loss, norm) = vstep(frozen, state, x)
+        state, (loss, norm) = vstep(frozen, hyper, state, x)
         return state, losses.at[i].set(loss), norms.at[i].set(norm)
 
     # A dynamic trip count: padding steps at the end of a chunk cost nothing.
@@ -544,6 +555,12 @@ _COMPILED_SHAPES: set = set()
 def compiled_shape_count() -> int:
     """How many distinct chunk programs this process has compiled (for benchmarks and tests)."""
     return len(_COMPILED_SHAPES)
+
+
+def clear_compiled() -> None:
+    """Forget every compiled chunk program (benchmarks measuring a cold start; frees executables)."""
+    _CHUNK_FNS.clear()
+    _COMPILED_SHAPES.clear()
 
 
 def _state_logical_axes(step_cfg: StepConfig) -> dict:
@@ -567,7 +584,7 @@ def _chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state, xs):
         donate = (2,) if jax.default_backend() != "cpu" else ()
         run = functools.partial(_run_chunk, step_cfg)
         if mesh is None:
-            fn = jax.jit(lambda f, s, x, n: run(f, s, x, n), donate_argnums=donate)
+            fn = jax.jit(run, donate_argnums=donate)
         else:
             rules = rules if rules is not None else shard_lib.DEFAULT_RULES
             frozen_sh = (None if frozen is None else shard_lib.logical_to_sharding(
@@ -576,8 +593,8 @@ def _chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state, xs):
             xs_sh = jax.tree.map(lambda a: shard_lib.candidate_sharding(mesh, a.ndim, 1, rules), xs)
             out_sh = (state_sh, shard_lib.candidate_sharding(mesh, 2, 1, rules),
                       shard_lib.candidate_sharding(mesh, 2, 1, rules))
-            fn = jax.jit(lambda f, s, x, n: run(f, s, x, n),
-                         in_shardings=(frozen_sh, state_sh, xs_sh, shard_lib.replicated(mesh)),
+            rep = shard_lib.replicated(mesh)
+            fn = jax.jit(run, in_shardings=(frozen_sh, rep, state_sh, xs_sh, rep),
                          out_shardings=out_sh, donate_argnums=donate)
         fn = (fn, key)
         _CHUNK_FNS[key] = fn
@@ -607,10 +624,15 @@ def _initial_state(trainable_K, seeds_K: np.ndarray) -> dict:
             "fail_step": jnp.full(k_count, -1, jnp.int32)}
 
 
-def _pad_plan(plan: TrainPlan, multiple: int) -> TrainPlan:
-    """Append inactive dummy candidates so K divides over the candidate mesh axes."""
-    extra = (-plan.num_candidates) % multiple
-    if not extra:
+def _padded_count(k_count: int, multiple: int, buckets: Sequence[int]) -> int:
+    target = next((b for b in buckets if b >= k_count), k_count)
+    return target + (-target) % multiple
+
+
+def _pad_plan(plan: TrainPlan, target: int) -> TrainPlan:
+    """Append inactive dummy candidates up to `target` (candidate bucket / mesh shard multiple)."""
+    extra = target - plan.num_candidates
+    if extra <= 0:
         return plan
 
     def pad(a, value):
@@ -644,7 +666,7 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     if step_cfg.full_finetune and k_real != 1:
         raise ValueError(f"full fine-tuning trains the base params themselves: one candidate, "
                          f"got {k_real}")
-    plan = _pad_plan(plan, shards)
+    plan = _pad_plan(plan, _padded_count(k_real, shards, inner_cfg.candidate_buckets))
     k_count = plan.num_candidates
 
     if step_cfg.full_finetune:
@@ -667,13 +689,14 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
                     lambda a: jnp.concatenate([a, jnp.repeat(a[:1], k_count - k_real, 0)]), trainable)
     state = _initial_state(trainable, plan.seeds_K)
 
+    hyper = optimizer_hparams(inner_cfg)
     c = inner_cfg.steps_per_chunk
     losses, norms = [], []
     for start, stop, length in plan.chunks(c):
         xs = plan.gather(start, stop, length, c)
         fn, key = _chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
         _COMPILED_SHAPES.add((key, k_count, c, plan.batch_size, length))
-        state, chunk_losses, chunk_norms = fn(frozen, state, xs, np.int32(stop - start))
+        state, chunk_losses, chunk_norms = fn(frozen, hyper, state, xs, np.int32(stop - start))
         losses.append(chunk_losses[: stop - start])
         norms.append(chunk_norms[: stop - start])
 

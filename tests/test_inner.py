@@ -360,3 +360,17 @@ def test_clip_adamw_schedule_and_grad_accumulation_match_torch(params):
     for got, want in zip(jax.tree.leaves(res.lora), tparams):
         np.testing.assert_allclose(got[0], want.detach().numpy(), atol=2e-6, rtol=0)
     assert res.grad_norms[0].min() > 0.05  # clipping was active on every step
+
+
+def test_candidate_buckets_pad_k_and_reuse_the_compiled_program(params):
+    plan4, res4 = _batched(params, 1)
+    ic = IC.replace(candidate_buckets=(2, 4))
+    plan3 = inner.build_plan(_candidates()[:3], HPARAMS[:3], ic, pad_id=PAD)
+    before = inner.compiled_shape_count()
+    res3 = inner.train_candidates(params, plan3, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+    assert inner.compiled_shape_count() == before  # K=3 ran as K=4: no new program
+    assert jax.tree.leaves(res3.lora)[0].shape[0] == 3 and res3.losses.shape[0] == 3
+    for got, want in zip(jax.tree.leaves(res3.lora), jax.tree.leaves(res4.lora)):
+        np.testing.assert_array_equal(got, want[:3])  # candidates never interact
+    with pytest.raises(ValueError, match="candidate_buckets"):
+        inner.InnerConfig(candidate_buckets=(4, 2))
