@@ -131,6 +131,9 @@ def main(argv=None):
     ap.add_argument("--steps-per-chunk", type=int, default=16)
     ap.add_argument("--epochs", type=float, default=10)
     ap.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass")
+    ap.add_argument("--faithful", action="store_true",
+                    help="reference_faithful: every sequence padded to 2048 with EOS targets "
+                         "(the peer's 'seal' mode; use with --attention cudnn and/or --remat)")
     ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
     ap.add_argument("--mesh", default="", help="e.g. candidate=2 or candidate=4,fsdp=2 (default: 1 device)")
     ap.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (default by backend)")
@@ -150,7 +153,7 @@ def main(argv=None):
     common = {"device": getattr(device, "device_kind", str(device)), "backend": backend,
               "num_devices": 1 if mesh is None else int(np.prod(list(mesh.shape.values()))),
               "mesh": args.mesh or None, "jax": jax.__version__, "peak_tflops": _sig(peak),
-              "peak_matmul_n": peak_n, "remat": args.remat, "attention": args.attention,
+              "peak_matmul_n": peak_n, "remat": args.remat, "attention": args.attention, "faithful": args.faithful,
               "buckets": args.buckets, "steps_per_chunk": args.steps_per_chunk, "epochs": args.epochs,
               "lora": "r32 a64 q,v", "batch_size": 1, "lr": 1e-3}
     print(json.dumps({"peak_tflops": _sig(peak), "device": common["device"]}), flush=True)
@@ -171,7 +174,8 @@ def main(argv=None):
             inner_cfg = inner.InnerConfig(
                 batch_size=1, epochs=args.epochs, learning_rate=1e-3,
                 length_buckets=tuple(int(b) for b in args.buckets.split(",")),
-                steps_per_chunk=args.steps_per_chunk, shuffle=shuffle)
+                steps_per_chunk=args.steps_per_chunk, shuffle=shuffle,
+                reference_faithful=args.faithful)
             for k_count in (int(k) for k in args.ks.split(",")):
                 shards = sharding.candidate_shards(mesh)
                 if k_count % shards:

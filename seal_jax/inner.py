@@ -546,7 +546,7 @@ def _run_chunk(step_cfg: StepConfig, frozen, hyper: dict, state: dict, xs: dict,
     return state, losses, norms
 
 
-# (StepConfig, mesh, rules, donate) -> jitted chunk function. jit itself caches per input shape.
+# (StepConfig, mesh, rules, K with a mesh) -> jitted chunk function. jit itself caches per input shape.
 _CHUNK_FNS: dict = {}
 # Distinct (StepConfig, mesh, shapes) dispatched: the number of programs compiled in this process.
 _COMPILED_SHAPES: set = set()
@@ -576,7 +576,8 @@ def _state_logical_axes(step_cfg: StepConfig) -> dict:
 
 
 def _chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state, xs):
-    key = (step_cfg, mesh, tuple(rules) if rules is not None else None)
+    # Shardings are derived from the first call's shapes, so K is part of the key with a mesh.
+    key = (step_cfg, mesh, rules, None if mesh is None else xs["lr"].shape[1])
     fn = _CHUNK_FNS.get(key)
     if fn is None:
         # Donating the state lets XLA update K adapters + Adam moments in place on accelerators;
@@ -586,7 +587,6 @@ def _chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state, xs):
         if mesh is None:
             fn = jax.jit(run, donate_argnums=donate)
         else:
-            rules = rules if rules is not None else shard_lib.DEFAULT_RULES
             frozen_sh = (None if frozen is None else shard_lib.logical_to_sharding(
                 transformer.param_logical_axes(step_cfg.cfg), mesh, rules, frozen))
             state_sh = shard_lib.logical_to_sharding(_state_logical_axes(step_cfg), mesh, rules, state)
@@ -662,10 +662,14 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     """
     step_cfg = StepConfig.from_inner(cfg, lora_cfg, inner_cfg)
     k_real = plan.num_candidates
-    shards = shard_lib.candidate_shards(mesh, rules or shard_lib.DEFAULT_RULES)
-    if step_cfg.full_finetune and k_real != 1:
-        raise ValueError(f"full fine-tuning trains the base params themselves: one candidate, "
-                         f"got {k_real}")
+    rules = shard_lib.rules_from_config({"logical_axis_rules": rules})  # hashable; default if None
+    if step_cfg.full_finetune:
+        if k_real != 1:
+            raise ValueError(f"full fine-tuning trains the base params themselves: one candidate, "
+                             f"got {k_real}")
+        # One model: never split (or pad) a candidate axis; the mesh shards the params (FSDP/TP).
+        rules = (("candidate", None),) + rules
+    shards = shard_lib.candidate_shards(mesh, rules)
     plan = _pad_plan(plan, _padded_count(k_real, shards, inner_cfg.candidate_buckets))
     k_count = plan.num_candidates
 
