@@ -366,7 +366,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
 
     flag = config_flags.DEFINE_config_file("config", __file__, "config file with get_config()",
