@@ -130,6 +130,7 @@ def main(argv=None):
                     help="sequence length buckets (one compiled program per bucket used)")
     ap.add_argument("--steps-per-chunk", type=int, default=16)
     ap.add_argument("--epochs", type=float, default=10)
+    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per layer-scan iteration")
     ap.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass")
     ap.add_argument("--faithful", action="store_true",
                     help="reference_faithful: every sequence padded to 2048 with EOS targets "
@@ -153,7 +154,7 @@ def main(argv=None):
     common = {"device": getattr(device, "device_kind", str(device)), "backend": backend,
               "num_devices": 1 if mesh is None else int(np.prod(list(mesh.shape.values()))),
               "mesh": args.mesh or None, "jax": jax.__version__, "peak_tflops": _sig(peak),
-              "peak_matmul_n": peak_n, "remat": args.remat, "attention": args.attention, "faithful": args.faithful,
+              "peak_matmul_n": peak_n, "remat": args.remat, "scan_unroll": args.scan_unroll, "attention": args.attention, "faithful": args.faithful,
               "buckets": args.buckets, "steps_per_chunk": args.steps_per_chunk, "epochs": args.epochs,
               "lora": "r32 a64 q,v", "batch_size": 1, "lr": 1e-3}
     print(json.dumps({"peak_tflops": _sig(peak), "device": common["device"]}), flush=True)
@@ -162,6 +163,7 @@ def main(argv=None):
     for model in args.models.split(","):
         cfg = get_preset(model)
         cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16", remat=args.remat,
+                          scan_unroll=args.scan_unroll,
                           attention_impl=args.attention)
         t0 = time.perf_counter()
         params = transformer.init_params(cfg, jax.random.PRNGKey(0))

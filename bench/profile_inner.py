@@ -1,0 +1,115 @@
+"""Where does an inner-loop step spend its GPU time? Trace one steady-state call and rank kernels.
+
+    python bench/profile_inner.py --model llama-3.2-1b --k 32 --out $OUT/profile.json
+
+Uses jax.profiler's perfetto trace (Chrome trace JSON; no TensorBoard plugin needed), keeps events on
+GPU stream tracks, and groups kernels by name into coarse classes (matmul, attention softmax,
+cross-entropy/logits, optimizer, copies, other) so a change can be aimed at the largest one.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import jax  # noqa: E402
+
+from inner_loop import make_candidates  # noqa: E402
+from seal_jax import inner  # noqa: E402
+from seal_jax.model import transformer  # noqa: E402
+from seal_jax.model.config import LoraConfig  # noqa: E402
+from seal_jax.model.presets import get_preset  # noqa: E402
+
+CLASSES = [("matmul", ("gemm", "cublas", "cutlass", "matmul", "dot", "xmma", "sm90", "wgmma", "triton_gemm")),
+           ("reduce/softmax", ("reduce", "softmax", "logsumexp")),
+           ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "concatenate", "dynamic")),
+           ("scatter/gather", ("scatter", "gather", "select_and")),
+           ("elementwise fusion", ("fusion", "loop_", "input_")),
+           ]
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for label, keys in CLASSES:
+        if any(k in low for k in keys):
+            return label
+    return "other"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--shuffle", default="shared")
+    ap.add_argument("--buckets", default="64,128,256,512,1024,2048")
+    ap.add_argument("--epochs", type=float, default=2)
+    ap.add_argument("--out", default="profile.json")
+    args = ap.parse_args(argv)
+
+    cfg = get_preset(args.model).replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))
+    icfg = inner.InnerConfig(epochs=args.epochs, shuffle=args.shuffle,
+                             length_buckets=tuple(int(b) for b in args.buckets.split(",")))
+    plan = inner.build_plan(make_candidates(args.k, cfg.vocab_size),
+                            [{"seed": k} for k in range(args.k)], icfg, pad_id=0)
+    run = lambda: jax.block_until_ready(inner.train_candidates(  # noqa: E731
+        params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=icfg).lora)
+    run()  # compile
+    t0 = time.perf_counter()
+    run()
+    wall = time.perf_counter() - t0
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run()
+    files = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    events = json.load(gzip.open(files[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name"):
+            names[(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None)] = e["args"]["name"]
+    per_kernel = collections.Counter()
+    counts = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        proc = names.get((e.get("pid"), None), "")
+        thread = names.get((e.get("pid"), e.get("tid")), "")
+        if "gpu" not in (proc + thread).lower() and "stream" not in thread.lower():
+            continue
+        if "stream" not in thread.lower():
+            continue
+        per_kernel[e["name"]] += e["dur"]
+        counts[e["name"]] += 1
+    total_us = sum(per_kernel.values())
+    by_class = collections.Counter()
+    for name, us in per_kernel.items():
+        by_class[classify(name)] += us
+    steps = int(plan.num_steps)
+    report = {
+        "model": args.model, "k": args.k, "steps": steps, "wall_s": wall,
+        "gpu_busy_s": total_us / 1e6, "ms_per_step_wall": 1e3 * wall / steps,
+        "ms_per_step_gpu": total_us / 1e3 / steps,
+        "by_class_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in by_class.most_common()},
+        "top_kernels": [{"name": n[:160], "ms_per_step": round(us / 1e3 / steps, 3), "calls": counts[n]}
+                        for n, us in per_kernel.most_common(40)],
+    }
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
+    for row in report["top_kernels"][:25]:
+        print(f"{row['ms_per_step']:8.3f} ms/step  x{row['calls']:<5} {row['name'][:110]}")
+
+
+if __name__ == "__main__":
+    main()
