@@ -44,6 +44,9 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # storage dtype of the frozen base
     compute_dtype: str = "bfloat16"  # activations / matmul inputs
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # Layers per iteration of the layer scan. 1 keeps compile time flat in depth; larger values let
+    # XLA address each layer's weights directly instead of slicing them out of the stacked arrays.
+    scan_unroll: int = 1
     # Attention implementation: "xla" (plain einsum softmax, runs everywhere) or "cudnn"
     # (jax.nn.dot_product_attention fused kernel; GPU only, bf16/fp16 only).
     attention_impl: str = "xla"

@@ -13,7 +13,7 @@ Layout choices, and why:
   `params` are shared (one resident base, K candidate adapters).
 * The KV cache is also a scanned input/output of the layer scan ([L, B, S, KV, Dh]).
 * Normalisation statistics, RoPE angles, attention softmax and the returned logits are float32 whatever
-  the compute dtype; matmul inputs are in `cfg.compute_dtype`.
+  the compute dtype; matmuls run (inputs and outputs) in `cfg.compute_dtype`.
 
 Parameter tree (`Params`), projection kernels are [in, out]:
     embed/embedding [V, D]
@@ -174,8 +174,9 @@ def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
             implementation="cudnn")
     elif cfg.attention_impl == "xla":
         q_BxTxKxGxH = q_BxTxNxH.reshape(batch, t, n_kv, n_heads // n_kv, head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                            preferred_element_type=jnp.float32) * scale
+        # Scores in the compute dtype, softmax in float32 (as HF's eager bf16 path). A float32
+        # *output* of a bf16 matmul would make its backward a float32 GEMM against bf16 operands.
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) * scale
         scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
@@ -289,7 +290,8 @@ class Transformer(nn.Module):
             layer = nn.remat(layer, prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0},
                          split_rngs={"params": True, "dropout": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers)
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                         unroll=max(1, min(cfg.scan_unroll, cfg.num_layers)))
         x_BxTxD, new_cache = layers(cfg, self.lora_scale, self.lora_dropout, self.deterministic,
                                     name="layers")(x_BxTxD, xs, ctx)
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
@@ -298,8 +300,10 @@ class Transformer(nn.Module):
         else:
             head_DxV = self.param("lm_head", nn.initializers.normal(0.02),
                                   (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-        logits = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
+        # The head matmul runs in the compute dtype and only its output is upcast (HF's bf16 autocast
+        # does the same): with a float32 matmul output the backward pass (dlogits @ head.T, the
+        # largest GEMM of a LoRA step) would run in float32 instead of on the bf16 tensor cores.
+        logits = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(cfg.dtype))
         return logits.astype(jnp.float32), new_cache
 
 
