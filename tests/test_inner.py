@@ -124,11 +124,12 @@ def test_plan_fractional_epochs_empty_candidates_and_buckets():
                             pad_id=PAD)
     assert plan.num_steps_K.tolist() == [math.ceil(1.5 * 3), 0, 0, 1]  # HF: ceil(E * steps/epoch)
     assert plan.lengths_KxN[3, 0] == 2048  # truncated to the largest bucket, like the reference
-    assert plan.step_length_S.tolist() == [2048, 64, 64, 64, 64]
-    assert plan.chunks(2) == [(0, 1, 2048), (1, 3, 64), (3, 5, 64)]
+    # 10-token sequences land in the smallest default bucket (16)
+    assert plan.step_length_S.tolist() == [2048, 16, 16, 16, 16]
+    assert plan.chunks(2) == [(0, 1, 2048), (1, 3, 16), (3, 5, 16)]
     counts = plan.token_counts()
     assert counts["real_tokens"] == 5 * 10 + 4 * 10 + 2048  # 1.5 epochs: 3 + 2 batches of <= 2
-    assert counts["computed_tokens"] == (2048 + 4 * 64) * 4 * 2
+    assert counts["computed_tokens"] == (2048 + 4 * 16) * 4 * 2
 
 
 def test_reference_faithful_plan_pads_to_2048_with_eos_targets():
@@ -186,8 +187,8 @@ def test_shared_shuffle_aligns_lengths_across_candidates():
     rows = np.arange(16)[:, None]
     used = shared.lengths_KxN[rows, shared.batch_index_KxSxB[:, :, 0]]
     assert (used == used[:1]).all()
-    assert sorted(np.unique(shared.step_length_S).tolist()) == [64, 256]
-    assert (shared.step_length_S == 256).sum() == 10
+    assert sorted(np.unique(shared.step_length_S).tolist()) == [48, 192]
+    assert (shared.step_length_S == 192).sum() == 10
     assert (shared.token_counts()["computed_tokens"]
             < 0.5 * indep.token_counts()["computed_tokens"])
     assert shared.token_counts()["real_tokens"] == indep.token_counts()["real_tokens"]

@@ -140,8 +140,9 @@ def _row(condition: str, label: str, per_passage: Sequence[float], passages: Seq
             "passages": len(passages), "questions": int(sum(n_questions)), "failed_candidates": failures}
 
 
-def single_passage_table(exp: Experiment, label: str, seed: int) -> list[dict]:
-    conditions = list(exp.config.table.conditions)
+def single_passage_table(exp: Experiment, label: str, seed: int,
+                         conditions: Optional[Sequence[str]] = None) -> list[dict]:
+    conditions = list(exp.config.table.conditions if conditions is None else conditions)
     if exp.file_self_edits and "file" not in conditions:
         conditions.append("file")
     rows = []
@@ -199,7 +200,8 @@ def rest_em(exp: Experiment) -> dict:
             "selected": len(chosen), "sft": sft_metrics,
         }
         state["rounds"].append(summary)
-        state["table"] += single_passage_table(exp, f"seal_round{r + 1}", c.seed + 100 * (r + 1))
+        state["table"] += single_passage_table(exp, f"seal_round{r + 1}", c.seed + 100 * (r + 1),
+                                               conditions=c.table.round_conditions)
         state["round"] = r + 1
         ckpt.save(r + 1, exp.engine.params, {"state": _json_safe(state)})
         _write_rest_em_results(exp, state)
