@@ -13,6 +13,8 @@ from seal_jax.model.presets import get_preset
 from seal_jax.sampling import (Generation, SamplingParams, _resolve_stop_ids, generate,
                                plan_row_groups)
 
+from random_lora import random_lora
+
 NO_STOP = SamplingParams(max_new_tokens=12, stop_ids=())
 LORA_CFG = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
 
@@ -32,20 +34,6 @@ def llama():
 def random_prompts(cfg, lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(3, cfg.vocab_size, size=n).tolist() for n in lengths]
-
-
-def random_lora(cfg, lora_cfg, num_candidates, seed):
-    """Candidate-stacked LoRA with non-zero A and B, large enough to change the model's outputs."""
-    rng = np.random.default_rng(seed)
-    lora = {}
-    for target in lora_cfg.targets:
-        d_in, d_out = cfg.projection_shape(target)
-        shape = (num_candidates, cfg.num_layers)
-        lora[target] = {
-            "a": jnp.asarray(rng.normal(0, 0.5, shape + (d_in, lora_cfg.rank)), jnp.float32),
-            "b": jnp.asarray(rng.normal(0, 0.5, shape + (lora_cfg.rank, d_out)), jnp.float32),
-        }
-    return lora
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))

@@ -9,6 +9,7 @@ from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import get_preset
 from seal_jax.sampling import SamplingParams, generate
 from seal_jax.scoring import score_sequences, sequence_logprobs
+from random_lora import random_lora
 
 LORA_CFG = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "o", "up"))
 forward = jax.jit(transformer.forward, static_argnames=("cfg", "lora_cfg"))
@@ -25,20 +26,6 @@ def random_rows(cfg, prompt_lengths, completion_lengths, seed):
     prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in prompt_lengths]
     completions = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in completion_lengths]
     return prompts, completions
-
-
-def random_lora(cfg, lora_cfg, num_candidates, seed):
-    """Candidate-stacked LoRA with non-zero A and B, large enough to change the model's outputs."""
-    rng = np.random.default_rng(seed)
-    lora = {}
-    for target in lora_cfg.targets:
-        d_in, d_out = cfg.projection_shape(target)
-        shape = (num_candidates, cfg.num_layers)
-        lora[target] = {
-            "a": jnp.asarray(rng.normal(0, 0.5, shape + (d_in, lora_cfg.rank)), jnp.float32),
-            "b": jnp.asarray(rng.normal(0, 0.5, shape + (lora_cfg.rank, d_out)), jnp.float32),
-        }
-    return lora
 
 
 def direct_logprob(params, prompt, completion, cfg, lora=None, lora_cfg=None):
