@@ -124,3 +124,37 @@ def test_bad_self_edits_and_passages_are_recorded_failures_and_the_round_goes_on
     assert by_key[(good.id, 5)].failure is None
     assert by_key[(good.id, 5)].records[0]["steps"] > 0
     assert len(exp.records.read()) == len(items)
+
+
+def test_cpt_trains_one_adapter_on_all_passages_and_reports_pooled_accuracy(tmp_path):
+    c = tiny_config(**{"cpt.n_passages": 2, "cpt.k_completions": 1, "cpt.epochs": 1,
+                       "cpt.batch_size": 2})
+    exp = tiny_experiment(tmp_path, c)
+    calls = []
+    original = exp.engine.train
+    exp.engine.train = lambda specs, seeds, **kw: calls.append(
+        (len(specs), sum(len(s.sequences) for s in specs), kw["inner_cfg"].batch_size)) or original(
+        specs, seeds, **kw)
+    out = experiments.cpt(exp)
+    conditions = [r["condition"] for r in out["rows"]]
+    assert conditions == ["base", "passage_only", "self_edits"]
+    # one adapter per condition, trained on the sequences of every passage at once
+    assert calls[0] == (1, 2, 2)  # passage only: one sequence per passage
+    assert out["questions"] == sum(len(p.questions) for p in exp.eval_passages)
+    for row in out["rows"]:
+        assert 0.0 <= row["pooled_accuracy"] <= 1.0
+    assert (exp.run_dir / "results.md").exists()
+
+
+def test_continual_builds_the_forgetting_matrix(tmp_path):
+    c = tiny_config(**{"continual.n_sequences": 1, "continual.n_datapoints": 2})
+    exp = tiny_experiment(tmp_path, c, n_eval=3)
+    before = exp.engine.params
+    out = experiments.continual(exp)
+    m = np.asarray(out["mean"], dtype=float)
+    assert m.shape == (3, 2)
+    assert np.isfinite(m[0]).all()  # row 0: the start model on every passage
+    assert np.isfinite(m[1, 0]) and np.isnan(m[1, 1])  # after 1 edit: only d_0 so far
+    assert np.isfinite(m[2]).all()
+    assert exp.engine.params is before  # the start model is restored after the sequences
+    assert (exp.run_dir / "forgetting.png").exists()

@@ -336,7 +336,8 @@ def continual(exp: Experiment) -> dict:
                                        adapter_index=[0] * (step + 1))
             matrix[step + 1, :step + 1] = [sc.reward for sc in scores]
             exp.records.append({"phase": f"continual/s{s}/k{step}", "context_id": passage.id,
-                                "self_edit": edit, "row": matrix[step + 1].tolist()})
+                                "self_edit": edit,  # NaN (not yet edited) -> null
+                                "row": R._jsonable(matrix[step + 1])})
             single = jax.tree.map(lambda x: x[0], result.lora)
             exp.engine.params = merge_lora(exp.engine.params, single, exp.engine.cfg, lora_cfg)
         matrices.append(matrix)
