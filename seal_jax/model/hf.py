@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from seal_jax.errors import UserError
 from seal_jax.model.config import ModelConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -24,7 +25,7 @@ _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
 _PROJ_KERNELS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):  # a user error: the CLI prints one line
     """A checkpoint cannot be read; the message names the offending file or tensor."""
 
 
