@@ -21,11 +21,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from seal_jax import errors
+from seal_jax.validation import read_json_file
+
 NO_QUESTIONS = "no_questions"  # issue code: the passage can be trained on but not evaluated
 EMBEDDED_CORPUS = "knowledge_corpus.json"  # file name under seal_jax/data/ (package data)
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):  # a user error: the CLI prints it as one line
     """A malformed passage record; the message names the record index and field."""
 
 
@@ -163,11 +166,7 @@ def passages_from_records(data: Any, *, source: str = "") -> list[Passage]:
 
 def load_squad_json(path: str | pathlib.Path) -> list[Passage]:
     path = pathlib.Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    data = read_json_file(path, what="SQuAD file", error=DataError)  # not found / not UTF-8 / not JSON, naming the file
     return passages_from_records(data, source=str(path))
 
 
