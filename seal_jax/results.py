@@ -52,7 +52,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write atomically (tmp file + rename) so an interrupted run never leaves half a file."""
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False))
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(_jsonable(obj), indent=2, sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the data (power loss)
     os.replace(tmp, path)
 
 
