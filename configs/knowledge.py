@@ -18,7 +18,8 @@ ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 def base_config():
     c = ml_collections.ConfigDict()
-    c.experiment = "rest_em"  # rest_em | single_passage | cpt | continual
+    c.domain = "knowledge"  # picks the domain package (seal_jax/tasks/__init__.py registry)
+    c.experiment = "rest_em"  # rest_em | single_passage | cpt | continual | study
     c.seed = 0
     c.run_root = "runs"
     c.run_name = "knowledge"
@@ -102,7 +103,9 @@ def base_config():
     c.rest_em.rounds = 1
     c.rest_em.passages_per_round = 4
     c.rest_em.reps = 1
+    c.rest_em.selection = "best_of_k"  # best_of_k (reference) | all_successful (reward >= threshold)
     c.rest_em.require_improvement = False  # reference: keep the best of k even if not above baseline
+    c.rest_em.success_threshold = 1.0  # all_successful: a self-edit is kept when its reward >= this
     c.rest_em.sft = ml_collections.ConfigDict()
     c.rest_em.sft.rank = 64
     c.rest_em.sft.alpha = 128.0
