@@ -8,4 +8,5 @@ EXPERIMENT_RUNNERS = {
     "single_passage": _experiments.table_only,
     "cpt": _experiments.cpt,
     "continual": _experiments.continual,
+    "study": _experiments.study,
 }

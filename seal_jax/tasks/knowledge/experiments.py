@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import pathlib
 from typing import Optional, Sequence
 
 import jax
@@ -27,6 +29,8 @@ from seal_jax.estep import score_self_edits
 from seal_jax.experiment import Experiment
 from seal_jax.lora import merge_lora
 from seal_jax.rest_em import baseline_scores, sample_self_edits
+from seal_jax.study import StudyEdit, run_study
+from seal_jax.tasks.knowledge import data as D
 from seal_jax.tasks.knowledge.data import Passage
 
 log = logging.getLogger(__name__)
@@ -267,3 +271,54 @@ def continual(exp: KnowledgeExperiment) -> dict:
 
 def _nan_if_ungraded(score) -> float:
     return float("nan") if score.reward is None else score.reward
+
+
+# ------------------------------------------------------------------------------------------------
+# Edit-evaluation studies: every self-edit of one or more files, with reps
+
+
+def study(exp: KnowledgeExperiment) -> dict:
+    c = exp.config.study
+    edits = load_study_edits(str(c.files), max_contexts=int(c.max_contexts),
+                             max_edits=int(c.max_edits_per_context), style_field=str(c.style_field))
+    return run_study(exp, edits, reps=int(c.reps), seed=int(exp.config.seed))
+
+
+def load_study_edits(files: str, *, max_contexts: int = 0, max_edits: int = 0,
+                     style_field: str = "style") -> list[StudyEdit]:
+    """Self-edits from files of records {title, context, questions, completions[, style]}.
+
+    `files`: comma-separated `path` or `name=path` (the source name; default: the file's stem). The
+    passages come from the records themselves; `max_contexts` / `max_edits` (0 = all) keep the first
+    passages of each file / the first completions of each record.
+    """
+    from seal_jax.config import ConfigError
+
+    specs = [f.strip() for f in files.split(",") if f.strip()]
+    if not specs:
+        raise ConfigError("study.files is empty: give one or more self-edit files, e.g. "
+                          "--config.study.files=qwen7b=../shared/data/squad/self_edits_qwen7b_train_iter0.json")
+    edits = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        path = pathlib.Path(path)
+        source = name or path.stem
+        if not path.exists():
+            raise ConfigError(f"study.files: file not found: {path}")
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"study.files: {path} is not a UTF-8 JSON file ({e})") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"study.files: {path}: expected a JSON list of records")
+        if max_contexts:
+            records = records[:max_contexts]
+        passages = D.passages_from_records(records, source=str(path))
+        for i, (rec, passage) in enumerate(zip(records, passages)):
+            completions = rec.get("completions")
+            if not isinstance(completions, list) or not all(isinstance(x, str) for x in completions):
+                raise ConfigError(f"study.files: {path} record {i} has no list of string 'completions'")
+            style = rec.get(style_field, "default")
+            for text in completions[:max_edits or None]:
+                edits.append(StudyEdit(context=passage, self_edit=text, source=source, style=str(style)))
+    return edits

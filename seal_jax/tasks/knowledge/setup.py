@@ -80,8 +80,8 @@ def validate(c) -> None:
         raise ConfigError(f"self_edit.top_p must be in (0, 1], got {c.self_edit.top_p}")
     if float(c.self_edit.temperature) < 0:
         raise ConfigError(f"self_edit.temperature must be >= 0, got {c.self_edit.temperature}")
-    if c.experiment == "study" and not c.self_edit.from_file:
-        raise ConfigError("experiment=study needs self_edit.from_file (a JSON file of self-edits)")
+    if c.experiment == "study" and "study" not in c:
+        raise ConfigError("experiment=study needs a study section: use configs/knowledge.py:study")
 
 
 def knowledge_domain(c, tokenizer) -> KnowledgeDomain:
