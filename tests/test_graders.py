@@ -431,6 +431,18 @@ def test_run_calibration_merges_runs_and_renders(tmp_path):
         C.load_calibration(bad)
 
 
+def test_calibration_names_runs_with_the_reference_prompt():
+    from seal_jax.tasks.knowledge import calibration as C
+
+    c = C.get_config()
+    c.grader.kind = "http"
+    assert C._grader_label(c.grader) == "http(gpt-4.1)"  # earlier runs keep their keys
+    c.grader.prompt = "reference"
+    assert C._grader_label(c.grader) == "http(gpt-4.1, reference prompt)"
+    c.grader.kind = "llm_judge"
+    assert C._grader_label(c.grader) == "llm_judge(embedded, margin>0, reference prompt)"
+
+
 @pytest.mark.slow
 def test_embedded_judge_end_to_end(embedded_model):
     cfg, params, tok = embedded_model

@@ -1,4 +1,5 @@
 """Passage loading, validation and splits; prompt builders."""
+import dataclasses
 import json
 import random
 
@@ -175,6 +176,22 @@ def test_split_is_deterministic_disjoint_and_eval_first():
         data.split_passages(passages, 20, 11, seed=0)
     with pytest.raises(ValueError, match="unknown shuffle"):
         data.split_passages(passages, 1, 1, seed=0, shuffle="torch")
+
+
+def test_split_with_a_separate_training_file():
+    val, train_file = _many(30), [Passage(f"Train{i}", f"train context {i}", (), f"t{i}") for i in range(12)]
+    train, evals = data.split_passages(val, 5, 10, seed=42, train_pool=train_file)
+    assert evals == data.shuffled(val, 42)[:10]  # the same evaluation passages as without a pool
+    assert evals == data.split_passages(val, 5, 10, seed=42)[1]
+    assert train == data.shuffled(train_file, 42)[:5]  # the training file, same rule and seed
+    with pytest.raises(ValueError, match="training file has only 12"):
+        data.split_passages(val, 13, 10, seed=42, train_pool=train_file)
+    with pytest.raises(ValueError, match="only 30 are available"):
+        data.split_passages(val, 1, 31, seed=42, train_pool=train_file)
+    # The training file must not contain held-out passages (same title and context).
+    leaky = train_file + [dataclasses.replace(p, id=f"copy-{p.id}") for p in data.shuffled(val, 42)[:3]]
+    with pytest.raises(ValueError, match="also evaluation passages"):
+        data.split_passages(val, len(leaky), 10, seed=42, train_pool=leaky)
 
 
 def test_shared_squad_dev_loads(shared_dir):

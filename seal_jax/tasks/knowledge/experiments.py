@@ -31,6 +31,7 @@ from seal_jax.sampling import SamplingParams
 from seal_jax.tasks.base import CandidateSpec
 from seal_jax.tasks.knowledge.data import Passage
 from seal_jax.tasks.knowledge.domain import KnowledgeDomain
+from seal_jax.tasks.knowledge.sequences import first_usable_self_edit
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,15 @@ def table_condition(exp: Experiment, condition: str, label: str, seed: int) -> d
                                     build=lambda ctx, _text: exp.domain.passage_only_candidate(ctx),
                                     progress=exp.progress())
     elif condition in ("self_edits", "file"):
+        # The first usable of the samples (table.fallback_rule; the reference: first non-empty).
+        samples = int(exp.config.table.get("self_edit_samples", 1))
         if condition == "file":
-            edits = [exp.file_self_edits.get(p.id, [""])[:1] for p in passages]
+            edits = [exp.file_self_edits.get(p.id, [""]) for p in passages]
         else:
-            edits = sample_self_edits(exp, passages, 1, f"{label}_eval", seed)
-        items = [(p, 0, e[0]) for p, e in zip(passages, edits)]
+            edits = sample_self_edits(exp, passages, samples, f"{label}_eval", seed)
+        rule = exp.config.table.get("fallback_rule", "usable")
+        chosen = [first_usable_self_edit(e, rule) or 0 for e in edits]
+        items = [(p, i, e[i] if e else "") for p, i, e in zip(passages, chosen, edits)]
         outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
                                     done=exp.done_records(), on_record=exp.records.append,
                                     progress=exp.progress())
@@ -226,8 +231,9 @@ def _write_rest_em_results(exp: Experiment, state: dict) -> None:
           f"Model `{exp.config.model}`, grader `{exp.config.grader.kind}`, "
           f"{len(exp.eval_passages)} held-out passages / "
           f"{sum(len(p.questions) for p in exp.eval_passages)} questions; accuracy = mean over passages "
-          f"of per-passage accuracy (± 95% CI), pooled = over all questions.", "",
-          R.markdown_table(["model", "condition", "accuracy", "±95% CI", "pooled", "failed"],
+          f"of per-passage accuracy (± half-width of a 95% Student-t interval over passages), pooled = "
+          f"over all questions.", "",
+          R.markdown_table(["model", "condition", "accuracy", R.CI95_LABEL, "pooled", "failed"],
                            [[r["model"], r["condition"], r["accuracy"], r["ci95"], r["pooled"],
                              r["failed_candidates"]] for r in table])]
     if state["rounds"]:
