@@ -178,8 +178,10 @@ def get_config(variant: str = "demo"):
         c.rest_em.sft.microbatches = 1
     elif variant == "paper":
         # The reference's experiment (reference-knowledge §1): set `model` to a Qwen2.5-7B HF directory,
-        # `data.path` to SQuAD v1.1 dev in the reference's flat format (squad_val.json, 2,067
-        # passages) and `data.train_path` to SQuAD train (squad_train.json).
+        # `data.path` to SQuAD v1.1 dev in the reference's flat format (squad_val.json, all 2,067
+        # passages: ../shared's squad_dev_public.json lacks the 250 held-out ones, so its shuffle
+        # selects other passages) and `data.train_path` to SQuAD train (squad_train.json), or use
+        # data.source=datasets / data.train_source=datasets.
         c.run_name = "knowledge-paper"
         c.model = "preset:qwen2.5-7b"  # replace with the path of a real Qwen2.5-7B HF directory
         c.chat = False  # the base model and its plain continuation prompts
@@ -195,7 +197,9 @@ def get_config(variant: str = "demo"):
         c.data.n_train = 100
         c.self_edit.prompt = "implications"  # the reference's text, verbatim
         c.self_edit.k = 5
-        c.self_edit.max_new_tokens = 8192  # the reference's cap (vLLM max_tokens; no stop strings)
+        # The reference's cap (vLLM max_tokens; it passed no stop strings, EOS still stops). A model
+        # with 8192 positions (the embedded SmolLM2) needs prompt + this to fit: lower it there.
+        c.self_edit.max_new_tokens = 8192
         c.self_edit.max_sequence_tokens = 2048  # the TTT server's truncation (max_length=2048)
         c.rest_em.rounds = 2
         c.rest_em.passages_per_round = 50
@@ -218,7 +222,9 @@ def get_config(variant: str = "demo"):
         c.inner.reference_faithful = False
         # Deliberate and not options: a failed grading is ungraded (left out of rewards, counted)
         # where the reference counted it wrong; identical grading requests are sent once where the
-        # reference re-sent every repeat to a sampling grader; seeds are fixed, not time-based.
+        # reference re-sent every repeat to a sampling grader; seeds are fixed, not time-based;
+        # sampling stops at the tokenizer's end-of-turn ids as well as EOS (the reference's vLLM
+        # stopped at EOS only: the same for a base model unless it writes <|im_end|>).
     elif variant == "cpt":
         c.run_name = "knowledge-cpt"
         c.experiment = "cpt"
