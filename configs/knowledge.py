@@ -138,10 +138,11 @@ def base_config():
     # After each round only what depends on the policy's self-edits is re-run (the reference table's
     # SEAL rows); add "passage_only" to also see how the merged policy absorbs the bare passage.
     c.table.round_conditions = ("base", "self_edits")
-    # Self-edits sampled per passage for the table's self-edit rows; the first usable one is scored.
-    # The reference's eval files hold 5 samples and its driver drops empty ones before taking the
-    # first (`[c for c in completions if c.strip()][:1]`); 1 = no fallback (an empty edit scores as a
-    # failure).
+    # Self-edits sampled per passage for the table's self-edit rows; the first usable one is scored
+    # (for the "file" row, the file's completions are the samples). The reference's eval files hold 5
+    # samples and its driver drops empty ones before taking the first
+    # (`[c for c in completions if c.strip()][:1]`); 1 = no fallback for sampled edits (an empty
+    # edit is a recorded failure).
     c.table.self_edit_samples = 1
     c.table.fallback_rule = "usable"  # nonempty (the reference: skip empty) | usable (also skip junk)
 

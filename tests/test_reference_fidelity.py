@@ -315,6 +315,40 @@ def test_paper_variant_length_caps_and_table_fallback():
     setup.validate(c)
 
 
+def test_table_scores_the_first_non_empty_sample(monkeypatch):
+    """The reference's eval driver: `[c for c in completions if c.strip()][:1]`."""
+    import types
+
+    from seal_jax.runner import EditOutcome
+    from seal_jax.tasks.knowledge import experiments as E
+
+    passages = [Passage(f"T{i}", f"C{i}", (Question("q?", "a"),), f"p{i}") for i in range(3)]
+    samples = {"p0": ["A fact.", "Later."], "p1": ["", "  \n", "Third.", "Fourth."], "p2": ["", ""]}
+    scored = []
+
+    def fake_score(engine, domain, items, **kwargs):
+        scored.extend(items)
+        return [EditOutcome(p.id, i, e, 0.5, [0.5], None if e else "empty") for p, i, e in items]
+
+    monkeypatch.setattr(E, "score_self_edits", fake_score)
+    monkeypatch.setattr(E, "sample_self_edits",
+                        lambda exp, ps, k, tag, seed: [samples[p.id][:k] for p in ps])
+    c = get_config("paper")
+    exp = types.SimpleNamespace(config=c, eval_passages=passages, engine=None, domain=None,
+                                file_self_edits=samples, done_records=dict,
+                                records=types.SimpleNamespace(append=None), progress=lambda: False)
+    for condition in ("self_edits", "file"):
+        scored.clear()
+        row = E.table_condition(exp, condition, "base", seed=0)
+        assert [(p.id, i, e) for p, i, e in scored] == [("p0", 0, "A fact."), ("p1", 2, "Third."),
+                                                       ("p2", 0, "")]
+        assert row["failed_candidates"] == 1  # no non-empty sample: a recorded failure
+    c.table.self_edit_samples = 1  # no fallback: the first sample, empty or not
+    scored.clear()
+    E.table_condition(exp, "self_edits", "base", seed=0)
+    assert [(p.id, i, e) for p, i, e in scored] == [("p0", 0, "A fact."), ("p1", 0, ""), ("p2", 0, "")]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The domain: BOS on training sequences, ungraded passages
 
