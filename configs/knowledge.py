@@ -225,7 +225,9 @@ def get_config(variant: str = "demo"):
         # where the reference counted it wrong; identical grading requests are sent once where the
         # reference re-sent every repeat to a sampling grader; seeds are fixed, not time-based;
         # sampling stops at the tokenizer's end-of-turn ids as well as EOS (the reference's vLLM
-        # stopped at EOS only: the same for a base model unless it writes <|im_end|>).
+        # stopped at EOS only: the same for a base model unless it writes <|im_end|>); both rounds
+        # split self-edits into lines (the reference's round 2 ran with split_newlines off, unlike
+        # its round 1 and every evaluation).
     elif variant == "cpt":
         c.run_name = "knowledge-cpt"
         c.experiment = "cpt"
