@@ -28,7 +28,7 @@ class KnowledgeSettings:
     chat: bool = True  # instruct policy: chat-template prompts for self-edits and answers
     split_newlines: bool = True
     max_sequence_tokens: int = 512  # a training sequence longer than this is truncated (recorded)
-    max_self_edit_tokens: int = 8192  # a longer self-edit is truncated (recorded); reference: 8192 generated
+    max_self_edit_tokens: int = 8192  # a longer self-edit is truncated (recorded); the reference cap
     answer_max_new_tokens: int = 64
 
 
