@@ -293,11 +293,14 @@ def test_http_grader_reference_layout_one_user_message_default_temperature():
 
 
 def test_make_grader_paper_http_defaults():
+    import pathlib
+
     import ml_collections
 
-    from configs.knowledge import get_config
+    from seal_jax.config import load_config
 
-    section = get_config("paper").grader
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "knowledge.py")
+    section = load_config(config + ":paper").grader
     section.http_api_key_env = ""  # a keyless server for the test
     grader = G.make_grader(section)
     assert isinstance(grader, G.HttpGrader)
@@ -305,7 +308,7 @@ def test_make_grader_paper_http_defaults():
         "reference", "responses", None, None)
     assert grader.url == "https://api.openai.com/v1/responses" and grader.model == "gpt-4.1"
     # The base config keeps the previous behaviour: our rubric, temperature 0, 8 tokens, chat API.
-    base = get_config("demo").grader
+    base = load_config(config + ":demo").grader
     base.kind, base.http_api_key_env = "http", ""
     g = G.make_grader(base)
     assert (g.prompt, g.api, g.temperature, g.max_tokens) == ("ours", "chat", 0.0, 8)

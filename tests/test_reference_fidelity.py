@@ -7,21 +7,28 @@ compare the product with itself.
 """
 import json
 import math
+import pathlib
 import random
 
 import numpy as np
 import pytest
+from tolerances import assert_close_scaled
 
-from configs.knowledge import get_config
 from seal_jax import results as R
-from seal_jax.config import ConfigError
+from seal_jax.config import ConfigError, load_config
 from seal_jax.tasks.base import EvalJob, EvalRequest
 from seal_jax.tasks.knowledge import graders as G
 from seal_jax.tasks.knowledge import prompts, setup
 from seal_jax.tasks.knowledge.data import Passage, Question
 from seal_jax.tasks.knowledge.domain import KnowledgeDomain, KnowledgeSettings
 from seal_jax.tasks.knowledge.sequences import build_train_sequences
-from tests.tolerances import assert_close_scaled
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def get_config(variant):
+    return load_config(f"{REPO / 'configs' / 'knowledge.py'}:{variant}")
+
 
 # ---------------------------------------------------------------------------------------------------
 # The reference's texts, verbatim.
