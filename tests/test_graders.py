@@ -313,6 +313,12 @@ def test_make_grader_paper_http_defaults():
     g = G.make_grader(base)
     assert (g.prompt, g.api, g.temperature, g.max_tokens) == ("ours", "chat", 0.0, 8)
     assert isinstance(section, ml_collections.ConfigDict)
+    section.http_api = "completions"
+    with pytest.raises(ValueError, match="grader.http_api must be one of"):
+        G.make_grader(section)
+    base.prompt = "gpt"
+    with pytest.raises(ValueError, match="grader.prompt must be one of"):
+        G.make_grader(base)
 
 
 def test_passage_reward_excludes_ungraded_answers():

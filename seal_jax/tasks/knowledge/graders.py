@@ -533,6 +533,11 @@ def make_grader(section, *, load_model: Callable[[str], tuple] | None = None) ->
     `seal_jax.model.loading.load_model`.
     """
     kind = section.kind
+    prompt = section.get("prompt", "ours")
+    if prompt not in GRADER_PROMPTS:
+        raise ValueError(f"grader.prompt must be one of {GRADER_PROMPTS}, got {prompt!r}")
+    if kind == "http" and section.get("http_api", "chat") not in HTTP_APIS:
+        raise ValueError(f"grader.http_api must be one of {HTTP_APIS}, got {section.http_api!r}")
     if kind == "em_f1":
         recall = section.get("recall_threshold", None)
         return LexicalGrader(f1_threshold=float(section.f1_threshold),
@@ -548,14 +553,14 @@ def make_grader(section, *, load_model: Callable[[str], tuple] | None = None) ->
         return LocalJudgeGrader(cfg, params, tokenizer,
                                 batch_size=int(section.get("judge_batch_size", 8)),
                                 threshold=float(section.get("judge_threshold", 0.0)),
-                                prompt=section.get("prompt", "ours"))
+                                prompt=prompt)
     if kind == "http":
         temperature = float(section.get("http_temperature", 0.0))
         max_tokens = int(section.get("http_max_tokens", 8))
         return HttpGrader(section.http_base_url, section.http_model,
                           api_key_env=section.http_api_key_env or None,
                           retries=int(section.http_retries),
-                          prompt=section.get("prompt", "ours"), api=section.get("http_api", "chat"),
+                          prompt=prompt, api=section.get("http_api", "chat"),
                           temperature=None if temperature < 0 else temperature,
                           max_tokens=None if max_tokens <= 0 else max_tokens)
     raise ValueError(f"unknown grader kind {kind!r}; choose em_f1, llm_judge or http")

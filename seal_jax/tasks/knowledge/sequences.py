@@ -179,7 +179,7 @@ def first_usable_self_edit(edits: Sequence[str], rule: str = "usable",
     which the reference would have trained on.
     """
     if rule not in FALLBACK_RULES:
-        raise ValueError(f"unknown fallback rule {rule!r}; choose from {FALLBACK_RULES}")
+        raise ValueError(f"unknown fallback rule {rule!r} (table.fallback_rule); choose from {FALLBACK_RULES}")
     for i, edit in enumerate(edits):
         if not isinstance(edit, str) or not edit.strip():
             continue
