@@ -285,7 +285,7 @@ def test_http_grader_reference_layout_one_user_message_default_temperature():
     # Our rubric over the Responses API goes as a message list; limits are sent when set.
     body = G.HttpGrader("http://x/v1", "m", api_key_env=None, api="responses").request_body(item)
     assert [m["role"] for m in body["input"]] == ["system", "user"]
-    assert body["max_output_tokens"] == 8 and body["temperature"] == 0.0
+    assert body["max_output_tokens"] == 16 and body["temperature"] == 0.0  # the API's minimum
     with pytest.raises(ValueError, match="unknown prompt"):
         G.HttpGrader("http://x/v1", "m", api_key_env=None, prompt="gpt")
     with pytest.raises(ValueError, match="unknown api"):

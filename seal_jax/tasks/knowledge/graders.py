@@ -478,8 +478,10 @@ class HttpGrader:
         else:  # Responses API: a lone user message goes as the plain input string, as the reference
             single = len(messages) == 1 and messages[0]["role"] == "user"
             body["input"] = messages[0]["content"] if single else messages
-        if self.max_tokens is not None:
-            body["max_tokens" if self.api == "chat" else "max_output_tokens"] = self.max_tokens
+        if self.max_tokens is not None and self.api == "chat":
+            body["max_tokens"] = self.max_tokens
+        elif self.max_tokens is not None:  # the Responses API rejects max_output_tokens below 16
+            body["max_output_tokens"] = max(16, self.max_tokens)
         if self.temperature is not None:
             body["temperature"] = self.temperature
         return body
