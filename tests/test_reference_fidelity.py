@@ -326,7 +326,7 @@ def test_table_scores_the_first_non_empty_sample(monkeypatch):
     """The reference's eval driver: `[c for c in completions if c.strip()][:1]`."""
     import types
 
-    from seal_jax.runner import EditOutcome
+    from seal_jax.estep import EditOutcome
     from seal_jax.tasks.knowledge import experiments as E
 
     passages = [Passage(f"T{i}", f"C{i}", (Question("q?", "a"),), f"p{i}") for i in range(3)]
@@ -341,9 +341,9 @@ def test_table_scores_the_first_non_empty_sample(monkeypatch):
     monkeypatch.setattr(E, "sample_self_edits",
                         lambda exp, ps, k, tag, seed: [samples[p.id][:k] for p in ps])
     c = get_config("paper")
-    exp = types.SimpleNamespace(config=c, eval_passages=passages, engine=None, domain=None,
+    exp = types.SimpleNamespace(config=c, eval_contexts=passages, engine=None, domain=None,
                                 file_self_edits=samples, done_records=dict,
-                                records=types.SimpleNamespace(append=None), progress=lambda: False)
+                                records=types.SimpleNamespace(append=None), progress=False)
     for condition in ("self_edits", "file"):
         scored.clear()
         row = E.table_condition(exp, condition, "base", seed=0)
