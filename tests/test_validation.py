@@ -33,16 +33,25 @@ def test_shipped_variants_are_valid_and_every_key_has_a_rule(variant):
     assert _problems(variant) == {}  # also: no key lacks a rule
 
 
+def test_study_variant_needs_its_files(tmp_path):
+    assert "must name one or more" in _problems("study")["study.files"]
+    f = tmp_path / "edits.json"
+    f.write_text("[]")
+    assert _problems("study", **{"study.files": f"qwen={f}"}) == {}
+    assert "no such file: /nonexistent.json" in _problems("study", **{"study.files": f"{f},b=/nonexistent.json"})[
+        "study.files"]
+
+
 def test_paper_variant_names_what_the_user_must_supply(tmp_path):
     problems = _problems("paper")
-    assert set(problems) == {"data.path", "grader.http_api_key_env", "tokenizer"}
+    assert set(problems) == {"data.path", "data.train_path", "grader.http_api_key_env", "tokenizer"}
     assert "$OPENAI_API_KEY, which is not set" in problems["grader.http_api_key_env"]
     assert "--config.grader.http_api_key_env=NAME" in problems["grader.http_api_key_env"]
     data = tmp_path / "squad.json"
     data.write_text("{}")
     tok = tmp_path / "tok"
     tok.mkdir()
-    assert _problems("paper", env={"OPENAI_API_KEY": "sk-x"}, **{"data.path": str(data),
+    assert _problems("paper", env={"OPENAI_API_KEY": "sk-x"}, **{"data.path": str(data), "data.train_path": str(data),
                                                                  "tokenizer": str(tok)}) == {}
 
 

@@ -11,14 +11,17 @@ from typing import Mapping, Optional
 
 from seal_jax import validation as V
 
-EXPERIMENTS = ("rest_em", "single_passage", "cpt", "continual")
+EXPERIMENTS = ("rest_em", "single_passage", "cpt", "continual", "study")
 DATA_SOURCES = ("embedded", "json", "datasets")
 GRADERS = ("em_f1", "llm_judge", "http")
 TABLE_CONDITIONS = ("base", "passage_only", "self_edits", "file")
 
 
 def knowledge_rules() -> dict[str, V.Check]:
+    from seal_jax.rest_em import SELECTIONS
+    from seal_jax.tasks.knowledge.graders import GRADER_PROMPTS, HTTP_APIS
     from seal_jax.tasks.knowledge.prompts import PROMPT_KEYS
+    from seal_jax.tasks.knowledge.sequences import FALLBACK_RULES
 
     rules: dict[str, V.Check] = {
         "experiment": V.string(choices=EXPERIMENTS), "seed": V.integer(ge=0),
@@ -29,6 +32,8 @@ def knowledge_rules() -> dict[str, V.Check]:
         "data.source": V.string(choices=DATA_SOURCES), "data.path": V.existing_path(kind="file"),
         "data.hf_name": V.string(), "data.hf_split": V.string(), "data.split_seed": V.integer(ge=0),
         "data.n_train": V.integer(ge=0), "data.n_eval": V.integer(ge=0), "data.reference_shuffle": V.boolean(),
+        "data.train_source": V.string(choices=("split",) + DATA_SOURCES[1:]),
+        "data.train_path": V.existing_path(kind="file"), "data.hf_train_split": V.string(),
         "self_edit.prompt": V.string(choices=PROMPT_KEYS), "self_edit.k": V.integer(ge=1),
         "self_edit.temperature": V.number(ge=0), "self_edit.top_p": V.number(gt=0, le=1),
         "self_edit.max_new_tokens": V.integer(ge=1), "self_edit.split_newlines": V.boolean(),
@@ -41,13 +46,21 @@ def knowledge_rules() -> dict[str, V.Check]:
         "grader.judge_batch_size": V.integer(ge=1), "grader.judge_threshold": V.number(),
         "grader.http_base_url": _url, "grader.http_model": V.string(nonempty=True),
         "grader.http_api_key_env": V.string(), "grader.http_retries": V.integer(ge=0),
+        "grader.prompt": V.string(choices=GRADER_PROMPTS), "grader.http_api": V.string(choices=HTTP_APIS),
+        "grader.http_temperature": V.number(le=2),  # < 0: not sent
+        "grader.http_max_tokens": V.integer(),  # <= 0: not sent
         "rest_em.rounds": V.integer(ge=0), "rest_em.passages_per_round": V.integer(ge=1),
         "rest_em.reps": V.integer(ge=1), "rest_em.require_improvement": V.boolean(),
+        "rest_em.selection": V.string(choices=SELECTIONS), "rest_em.success_threshold": V.number(),
         "table.conditions": V.strings(choices=TABLE_CONDITIONS),
         "table.round_conditions": V.strings(choices=TABLE_CONDITIONS, nonempty=False),
+        "table.self_edit_samples": V.integer(ge=1), "table.fallback_rule": V.string(choices=FALLBACK_RULES),
         "cpt.n_passages": V.integer(ge=1), "cpt.k_completions": V.integer(ge=1), "cpt.epochs": V.number(ge=0),
         "cpt.learning_rate": V.number(gt=0), "cpt.batch_size": V.integer(ge=1),
         "continual.n_sequences": V.integer(ge=1), "continual.n_datapoints": V.integer(ge=1),
+        "study.files": V.string(), "study.max_contexts": V.integer(ge=0),
+        "study.max_edits_per_context": V.integer(ge=0), "study.reps": V.integer(ge=1),
+        "study.style_field": V.string(nonempty=True),
     }
     rules.update(V.lora_rules("lora"))
     rules.update(V.inner_rules("inner"))
@@ -72,6 +85,20 @@ def _combinations(flat: Mapping, env: Mapping[str, str]) -> list[tuple[str, str]
     problems = []
     if flat.get("data.source") == "json" and not _needs(flat, "data.path"):
         problems.append(("data.path", "must be set when data.source='json' (a SQuAD-format JSON file)"))
+    if flat.get("data.train_source") == "json" and not _needs(flat, "data.train_path"):
+        problems.append(("data.train_path", "must be set when data.train_source='json' (a SQuAD training "
+                         "file), or set data.train_source=split"))
+    if flat.get("experiment") == "study":
+        if "study.files" not in flat:
+            problems.append(("experiment", "='study' needs a study section: use configs/knowledge.py:study"))
+        elif not _needs(flat, "study.files"):
+            problems.append(("study.files", "must name one or more self-edit files (path or name=path, "
+                             "comma-separated)"))
+        else:
+            for part in str(flat["study.files"]).split(","):
+                path = part.split("=", 1)[1] if "=" in part else part
+                if path.strip() and V.existing_path(kind="file")(path.strip()):
+                    problems.append(("study.files", f"no such file: {path.strip()}"))
     if flat.get("grader.kind") == "http":
         var = flat.get("grader.http_api_key_env") or ""
         if not var:
