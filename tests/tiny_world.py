@@ -81,8 +81,9 @@ def tiny_experiment(run_dir: pathlib.Path, config=None, *, n_train=2, n_eval=2) 
     domain = KnowledgeDomain(tok, LexicalGrader(), KnowledgeSettings(
         chat=True, max_sequence_tokens=400, answer_max_new_tokens=int(c.eval.max_new_tokens)))
     passages = load_embedded_corpus()
-    sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")), batch_size=2,
-                            microbatches=1, epochs=1, length_buckets=(512, 1024, 2048))
+    sft_cfg = sft.SFTConfig.from_fields(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")),
+                                        batch_size=2, microbatches=1, epochs=1,
+                                        length_buckets=(512, 1024, 2048))
 
     def policy_sft(eng, examples):
         eng.params, metrics = sft.sft_update(eng.params, examples, cfg=eng.cfg, sft_cfg=sft_cfg,

@@ -93,7 +93,10 @@ def build_experiment(c) -> Experiment:
     sft_section = c.rest_em.sft.to_dict()
     sft_lora = to_dataclass(LoraConfig, {k: sft_section.pop(k) for k in ("rank", "alpha", "targets")},
                             "rest_em.sft")
-    sft_cfg = to_dataclass(sft.SFTConfig, sft_section, "rest_em.sft", lora=sft_lora)
+    try:
+        sft_cfg = sft.SFTConfig.from_fields(lora=sft_lora, **sft_section)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rest_em.sft: {e}") from e
 
     if c.resume:
         run_dir = pathlib.Path(c.resume)
