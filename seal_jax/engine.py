@@ -20,6 +20,7 @@ from seal_jax import inner, sharding
 from seal_jax.domain import CandidateSpec, Domain, EvalJob, EvalRequest, Score
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
+from seal_jax.model.tokenizer import resolve_pad_id
 from seal_jax.sampling import SamplingParams, generate
 
 
@@ -95,8 +96,7 @@ class Engine:
 
     @property
     def pad_id(self) -> int:
-        pid = self.tokenizer.pad_id if self.tokenizer is not None else self.cfg.pad_token_id
-        return int(pid if pid is not None else 0)
+        return resolve_pad_id(self.tokenizer, self.cfg)
 
     @property
     def eos_id(self) -> int:

@@ -87,7 +87,10 @@ def sft_config(c) -> sft.SFTConfig:
     section = c.rest_em.sft.to_dict()
     sft_lora = to_dataclass(LoraConfig, {k: section.pop(k) for k in ("rank", "alpha", "targets")},
                             "rest_em.sft")
-    return to_dataclass(sft.SFTConfig, section, "rest_em.sft", lora=sft_lora)
+    try:
+        return sft.SFTConfig.from_fields(lora=sft_lora, **section)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rest_em.sft: {e}") from e
 
 
 def engine_configs(c) -> tuple[LoraConfig, inner.InnerConfig]:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seal_jax.lora import check_lora, num_candidates
+from seal_jax.model.tokenizer import resolve_pad_id
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
 
@@ -356,10 +357,7 @@ def _resolve_stop_ids(sp: SamplingParams, cfg: ModelConfig, tokenizer) -> tuple[
 
 
 def _pad_id(cfg: ModelConfig, tokenizer) -> int:
-    for candidate in (cfg.pad_token_id, getattr(tokenizer, "pad_id", None), cfg.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    return resolve_pad_id(tokenizer, cfg)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, what: str = "prompt") -> list[np.ndarray]:
