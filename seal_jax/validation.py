@@ -136,6 +136,24 @@ def existing_path(*, kind: str = "any", optional: bool = True) -> Check:
     return check
 
 
+def tokenizer_spec() -> Check:
+    """'' (the model's own), 'embedded', an HF folder with tokenizer.json, or a .gguf file."""
+    def check(v):
+        if not isinstance(v, str):
+            return f"must be a string, got {type(v).__name__}"
+        if v in ("", "embedded"):
+            return None
+        p = pathlib.Path(v).expanduser()
+        if not p.exists():
+            return f"no such tokenizer file or folder: {v}"
+        if p.is_dir() and not (p / "tokenizer.json").exists():
+            return f"{v} has no tokenizer.json"
+        if p.is_file() and p.suffix != ".gguf":
+            return f"{v} is a file but not .gguf"
+        return None
+    return check
+
+
 def model_spec() -> Check:
     """'embedded', 'preset:<name>', an HF checkpoint folder or a .gguf file."""
     def check(v):

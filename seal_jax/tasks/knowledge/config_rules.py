@@ -27,7 +27,7 @@ def knowledge_rules() -> dict[str, V.Check]:
         "experiment": V.string(choices=EXPERIMENTS), "seed": V.integer(ge=0),
         "run_root": V.string(nonempty=True), "run_name": V.string(nonempty=True),
         "resume": V.existing_path(kind="dir"), "progress": V.boolean(), "compile_cache": V.boolean(), "domain": V.string(choices=("knowledge",)),
-        "model": V.model_spec(), "tokenizer": V.existing_path(kind="dir"),
+        "model": V.model_spec(), "tokenizer": V.tokenizer_spec(),
         "param_dtype": V.dtype_name(), "compute_dtype": V.dtype_name(), "chat": V.boolean(),
         "data.source": V.string(choices=DATA_SOURCES), "data.path": V.existing_path(kind="file"),
         "data.hf_name": V.string(), "data.hf_split": V.string(), "data.split_seed": V.integer(ge=0),
@@ -51,6 +51,7 @@ def knowledge_rules() -> dict[str, V.Check]:
         "grader.http_max_tokens": V.integer(),  # <= 0: not sent
         "rest_em.rounds": V.integer(ge=0), "rest_em.passages_per_round": V.integer(ge=1),
         "rest_em.reps": V.integer(ge=1), "rest_em.require_improvement": V.boolean(),
+        "rest_em.save_adapters": V.boolean(),
         "rest_em.selection": V.string(choices=SELECTIONS), "rest_em.success_threshold": V.number(),
         "table.conditions": V.strings(choices=TABLE_CONDITIONS),
         "table.round_conditions": V.strings(choices=TABLE_CONDITIONS, nonempty=False),
