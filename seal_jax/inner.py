@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seal_jax import distributed as dist
 from seal_jax import lora as lora_lib
 from seal_jax import sharding as shard_lib
 from seal_jax.model import transformer
@@ -596,8 +597,9 @@ def _chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state, xs):
             out_sh = (state_sh, shard_lib.candidate_sharding(mesh, 2, 1, rules),
                       shard_lib.candidate_sharding(mesh, 2, 1, rules))
             rep = shard_lib.replicated(mesh)
-            fn = jax.jit(run, in_shardings=(frozen_sh, rep, state_sh, xs_sh, rep),
-                         out_shardings=out_sh, donate_argnums=donate)
+            in_sh = (frozen_sh, rep, state_sh, xs_sh, rep)
+            fn = dist.global_inputs(jax.jit(run, in_shardings=in_sh, out_shardings=out_sh,
+                                            donate_argnums=donate), in_sh)
         fn = (fn, key)
         _CHUNK_FNS[key] = fn
     return fn
@@ -709,11 +711,10 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     def host_steps(parts):
         if not parts:
             return np.zeros((k_real, 0), np.float32)
-        return np.asarray(jnp.concatenate(parts, axis=0)).T[:k_real]
+        return dist.to_host(jnp.concatenate(parts, axis=0)).T[:k_real]
 
-    failed = np.asarray(state["failed"])[:k_real]
-    codes = np.asarray(state["fail_code"])[:k_real]
-    fail_steps = np.asarray(state["fail_step"])[:k_real]
+    failed, codes, fail_steps, counts = (x[:k_real] for x in dist.to_host(
+        (state["failed"], state["fail_code"], state["fail_step"], state["count"])))
     reasons = []
     for k in range(k_real):
         if not failed[k]:
@@ -729,5 +730,5 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
                                jax.tree.map(lambda p: p[None], base_params))
     return InnerResult(lora=trained, losses=host_steps(losses), grad_norms=host_steps(norms),
                        failed=failed, failure_reason=reasons,
-                       steps=np.asarray(state["count"])[:k_real].astype(np.int32),
+                       steps=counts.astype(np.int32),
                        failed_step=fail_steps)
