@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pathlib
+import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -235,6 +237,40 @@ def gather_shares(local_items: list, num_items: int) -> list:
     if len(out) != num_items:
         raise ValueError(f"gathered {len(out)} items from {len(parts)} processes, expected {num_items}")
     return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Process 0's value of a JSON-serialisable `obj`, on every process (a collective)."""
+    return allgather_objects(obj)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run directories: one set of results, written by process 0
+
+
+def process_run_dirs(make_run_dir: Callable[[], pathlib.Path]) -> tuple[pathlib.Path, pathlib.Path]:
+    """(the run directory, the directory this process writes its files into). A collective.
+
+    Process 0 calls `make_run_dir()` (creates a fresh directory, or returns the one being resumed)
+    and every process learns its path. Process 0 writes into it. Every other process writes into a
+    private mirror `<run_dir>/.process<i>/`, seeded with copies of the run directory's files (the
+    records and cached self-edits of a resumed run): all processes then read the same state and skip
+    the same finished work, so they stay in lockstep through every collective, while whatever the
+    others write stays out of the run's results. Resuming needs a filesystem shared by the hosts
+    (as multi-host orbax checkpoints do); checkpoints go to the run directory itself from every
+    process (orbax writes each array shard once).
+    """
+    path = str(make_run_dir()) if is_main() else None
+    run_dir = pathlib.Path(broadcast_from_main(path))
+    own = run_dir
+    if not is_main():
+        own = run_dir / f".process{jax.process_index()}"
+        own.mkdir(parents=True, exist_ok=True)
+        for item in run_dir.iterdir():
+            if item.is_file():
+                shutil.copy2(item, own / item.name)
+    barrier("seal_jax.process_run_dirs")  # process 0 writes nothing until every mirror is seeded
+    return run_dir, own
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
