@@ -43,6 +43,7 @@ def test_attention_selection_rules(monkeypatch):
         assert select("auto", **{**shapes, **bad}) == "xla", bad
 
 
+@pytest.mark.slow
 def test_model_forward_and_cache_with_gpu_tuned_configs(llama):
     cfg, params = llama
     rng = np.random.default_rng(0)
@@ -64,6 +65,7 @@ def test_model_forward_and_cache_with_gpu_tuned_configs(llama):
     assert np.isfinite(np.asarray(want)).all() and np.abs(np.asarray(want)).max() > 0
 
 
+@pytest.mark.slow
 def test_inner_loop_with_gpu_tuned_attention(llama):
     cfg, params = llama
     rng = np.random.default_rng(1)
@@ -80,6 +82,7 @@ def test_inner_loop_with_gpu_tuned_attention(llama):
     assert not want.failed.any() and (want.steps == 4).all()
 
 
+@pytest.mark.slow
 def test_sampler_with_gpu_tuned_attention(llama):
     cfg, params = llama
     rng = np.random.default_rng(2)
