@@ -74,11 +74,8 @@ def initialize(num_processes: int | None, coordinator_address: str | None = None
 
 
 def _is_initialized() -> bool:
-    try:
-        from jax._src import distributed as _dist  # the public API has no "is initialised" query
-        return _dist.global_state.client is not None
-    except (ImportError, AttributeError):
-        return False
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    return bool(is_initialized()) if is_initialized is not None else False
 
 
 def process_index() -> int:

@@ -170,7 +170,8 @@ def _is_cuda_backend() -> bool:
     if jax.default_backend() != "gpu":
         return False
     # ROCm also reports "gpu"; cuDNN exists only on CUDA.
-    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    client = getattr(jax.devices()[0], "client", None)
+    version = str(getattr(client, "platform_version", "")).lower()
     return "rocm" not in version and "hip" not in version
 
 
