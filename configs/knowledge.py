@@ -108,6 +108,7 @@ def base_config():
     c.rest_em.selection = "best_of_k"  # best_of_k (reference) | all_successful (reward >= threshold)
     c.rest_em.require_improvement = False  # reference: keep the best of k even if not above baseline
     c.rest_em.success_threshold = 1.0  # all_successful: a self-edit is kept when its reward >= this
+    c.rest_em.save_adapters = False  # keep every candidate's adapter (PEFT) for `seal_jax.export`
     c.rest_em.sft = ml_collections.ConfigDict()
     c.rest_em.sft.rank = 64
     c.rest_em.sft.alpha = 128.0

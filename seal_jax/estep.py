@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
+import re
 import zlib
 from typing import Any, Callable, Optional, Sequence
 
@@ -71,12 +73,15 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                      done: Optional[dict[tuple, dict]] = None,
                      on_record: Optional[Callable[[dict], None]] = None,
                      build: Optional[Callable[[Any, str], Any]] = None,
-                     progress: bool = True) -> list[EditOutcome]:
+                     progress: bool = True,
+                     adapter_root: Optional[pathlib.Path] = None) -> list[EditOutcome]:
     """Reward of each (context, edit_index, self_edit) = mean adapted score over `reps`.
 
     `done` maps (phase, context_id, edit_index, rep) -> an already written record (resume): those
     candidates are not trained again. `on_record` receives each new record as soon as it exists.
     `build(context, text)` replaces `domain.build_candidate` (e.g. the passage-only baseline).
+    `adapter_root`: also write each trained candidate's adapter there as a PEFT directory
+    (`adapter_path`), so chosen adapters can be exported after the run.
     """
     build = build or domain.build_candidate
     done = done or {}
@@ -115,6 +120,12 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                                           adapter_index=ok)
             scores = dict(zip(ok, ok_scores))
         for i, (outcome, ctx, spec, rep, cand_seed, base_record) in enumerate(chunk):
+            if adapter_root is not None and not result.failed[i]:
+                from seal_jax.peft_io import save_peft_candidate
+
+                save_peft_candidate(adapter_path(adapter_root, phase, outcome.context_id,
+                                                 outcome.edit_index, rep),
+                                    result.lora, i, engine.cfg, engine.settings.lora)
             record = dict(base_record, seed=cand_seed, steps=int(result.steps[i]),
                           **_loss_summary(np.asarray(result.losses[i])), **spec.info)
             if i in scores:
@@ -148,3 +159,11 @@ def summarize(outcome: EditOutcome) -> EditOutcome:
 def candidate_seed(seed: int, context_id: str, edit_index: int, rep: int) -> int:
     """Deterministic per-candidate seed (independent of batching and of resume order)."""
     return zlib.crc32(f"{seed}/{context_id}/{edit_index}/{rep}".encode()) & 0x7FFFFFFF
+
+
+def adapter_path(root: pathlib.Path, phase: str, context_id: str, edit_index: int, rep: int) -> pathlib.Path:
+    """Where `score_self_edits` writes a candidate's PEFT adapter (ids made safe as file names)."""
+    def safe(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+    return pathlib.Path(root) / safe(phase) / safe(context_id) / f"edit{edit_index}_rep{rep}"

@@ -14,7 +14,8 @@ One round r:
 4. M-step: `exp.m_step(params, examples) -> (new_params, metrics)` on (prompt, selected self-edit);
    the round installs the new params as the policy;
 5. the policy is checkpointed with orbax (step r + 1, the run state as JSON metadata) and
-   `results.json` rewritten.
+   `results.json` rewritten. `python -m seal_jax.export --run <dir> --round r+1` turns it into an HF
+   checkpoint (and, with `save_adapters`, the selected candidates' adapters into PEFT directories).
 
 A domain adds its own evaluation table through `RoundHooks.evaluate`, called before the first round
 (index 0) and after every round (index r + 1), and its own report through `RoundHooks.write_results`.
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("best_of_k", "all_successful")
+ADAPTERS = "adapters"  # run-directory folder of saved candidate adapters (RoundConfig.save_adapters)
 
 
 class RoundError(RuntimeError):
@@ -63,6 +65,7 @@ class RoundConfig:
     top_p: float = 0.95
     max_new_tokens: int = 160
     seed: int = 0
+    save_adapters: bool = False  # write every trained candidate's adapter (PEFT) under adapters/
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -93,7 +96,8 @@ def round_config(c, *, contexts_per_round: int) -> RoundConfig:
             require_improvement=bool(c.rest_em.require_improvement),
             success_threshold=float(c.rest_em.get("success_threshold", 1.0)),
             temperature=float(c.self_edit.temperature), top_p=float(c.self_edit.top_p),
-            max_new_tokens=int(c.self_edit.max_new_tokens), seed=int(c.seed))
+            max_new_tokens=int(c.self_edit.max_new_tokens), seed=int(c.seed),
+            save_adapters=bool(c.rest_em.get("save_adapters", False)))
     except ValueError as e:
         raise ConfigError(f"rest_em: {e}") from e
 
@@ -212,8 +216,11 @@ def initial_state() -> dict:
 
 def run_rounds(exp: "Experiment", hooks: RoundHooks = RoundHooks()) -> dict:
     """Run (or continue) `exp.round.rounds` rounds; returns the run state also saved as results.json."""
+    from seal_jax.export import write_policy_spec
+
     rc, ckpt = exp.round, exp.checkpointer
     write = hooks.write_results or write_results
+    write_policy_spec(exp.run_dir, exp.engine)  # what `python -m seal_jax.export` needs besides weights
     state = initial_state()
     latest = ckpt.latest_step()
     if latest is not None:  # resume: restore the policy of the last completed round
@@ -248,7 +255,8 @@ def one_round(exp: "Experiment", r: int) -> dict:
     items = [(c, i, e) for c, es in zip(contexts, edits) for i, e in enumerate(es)]
     outcomes = score_self_edits(exp.engine, exp.domain, items, reps=rc.reps, seed=rc.seed + r,
                                 phase=f"{tag}/score", done=exp.done_records(),
-                                on_record=exp.records.append, progress=exp.progress)
+                                on_record=exp.records.append, progress=exp.progress,
+                                adapter_root=exp.run_dir / ADAPTERS if rc.save_adapters else None)
     check_graded(outcomes, f"round {r}")
     chosen = select(outcomes, baseline, rc)
     by_id = {exp.domain.context_id(c): c for c in contexts}

@@ -79,7 +79,7 @@ def toy_engine(candidates_per_call: int = 4) -> Engine:
 
 def toy_experiment(run_dir: pathlib.Path, *, rounds: int = 2, selection: str = "best_of_k",
                    ungraded: Sequence[str] = (), success_threshold: float = 0.5,
-                   engine: Engine | None = None) -> Experiment:
+                   engine: Engine | None = None, save_adapters: bool = False) -> Experiment:
     engine = engine or toy_engine()
     sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")), batch_size=2,
                             microbatches=1, epochs=1, learning_rate=1e-2, length_buckets=(64, 128))
@@ -90,7 +90,7 @@ def toy_experiment(run_dir: pathlib.Path, *, rounds: int = 2, selection: str = "
     run_dir.mkdir(parents=True, exist_ok=True)
     rc = RoundConfig(rounds=rounds, contexts_per_round=2, k=2, reps=1, selection=selection,
                      success_threshold=success_threshold, temperature=1.0, top_p=1.0,
-                     max_new_tokens=10, seed=3)
+                     max_new_tokens=10, seed=3, save_adapters=save_adapters)
     return Experiment(config=None, engine=engine, domain=ToyDomain(engine.tokenizer, ungraded),
                       train_contexts=[Word(w) for w in WORDS], eval_contexts=[Word(w) for w in WORDS],
                       run_dir=run_dir, records=RecordLog(run_dir / "records.jsonl"),
