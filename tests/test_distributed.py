@@ -264,6 +264,19 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.allgather_objects({"a": 1}) == [{"a": 1}]
     assert distributed.gather_shares(["a", "b"], 2) == ["a", "b"]
     distributed.barrier("noop")
+    assert distributed.broadcast_from_main([1, "a"]) == [1, "a"]
+
+
+def test_one_process_owns_the_run_directory(tmp_path):
+    made = []
+
+    def make():
+        made.append(tmp_path / "run")
+        made[-1].mkdir()
+        return made[-1]
+
+    assert distributed.process_run_dirs(make) == (tmp_path / "run", tmp_path / "run")
+    assert made == [tmp_path / "run"] and not list((tmp_path / "run").iterdir())
 
 
 def test_share_of_splits_items_into_contiguous_blocks():
