@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Mesh, Sharding
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +268,6 @@ def process_run_dirs(make_run_dir: Callable[[], pathlib.Path]) -> tuple[pathlib.
                 shutil.copy2(item, own / item.name)
     barrier("seal_jax.process_run_dirs")  # process 0 writes nothing until every mirror is seeded
     return run_dir, own
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def num_hosts_in(mesh: Mesh) -> int:
