@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seal_jax import distributed as dist
 from seal_jax import lora as lora_lib
 from seal_jax import sharding as shard_lib
 from seal_jax import train_step as step_lib
@@ -178,11 +179,11 @@ def _result(plan: TrainPlan, state: TrainState, losses, norms, k_real: int, full
     def host_steps(parts):
         if not parts:
             return np.zeros((k_real, 0), np.float32)
-        return np.asarray(jnp.concatenate(parts, axis=0)).T[:k_real]
+        return dist.to_host(jnp.concatenate(parts, axis=0)).T[:k_real]
 
-    failed = np.asarray(state.failed)[:k_real]
-    codes = np.asarray(state.fail_code)[:k_real]
-    fail_steps = np.asarray(state.fail_step)[:k_real]
+    # to_host: with a mesh spanning processes each holds only its shards; gather them first.
+    failed, codes, fail_steps, counts = (x[:k_real] for x in dist.to_host(
+        (state.failed, state.fail_code, state.fail_step, state.opt_state.count)))
     rejected = plan.rejected_K[:k_real]
     reasons = []
     for k in range(k_real):
@@ -200,7 +201,7 @@ def _result(plan: TrainPlan, state: TrainState, losses, norms, k_real: int, full
         trained = jax.tree.map(lambda a, p: a.astype(jnp.asarray(p).dtype), trained, full_base)
     return InnerResult(lora=trained, losses=host_steps(losses), grad_norms=host_steps(norms),
                        failed=failed | rejected, failure_reason=reasons,
-                       steps=np.asarray(state.opt_state.count)[:k_real].astype(np.int32),
+                       steps=counts.astype(np.int32),
                        failed_step=np.where(rejected, 0, fail_steps),
                        truncated_sequences=plan.truncated_K[:k_real].copy())
 

@@ -28,6 +28,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Bool, Int, UInt32
 
+from seal_jax import distributed as dist
 from seal_jax import lora as lora_lib
 from seal_jax import optim
 from seal_jax import sharding as shard_lib
@@ -253,8 +254,12 @@ def chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state: TrainState, xs: S
             xs_sh = jax.tree.map(lambda a: shard_lib.candidate_sharding(mesh, a.ndim, 1, rules), xs)
             per_step_sh = shard_lib.candidate_sharding(mesh, 2, 1, rules)
             rep = shard_lib.replicated(mesh)
-            fn = jax.jit(run, in_shardings=(frozen_sh, state_sh, xs_sh, rep),
-                         out_shardings=(state_sh, per_step_sh, per_step_sh), donate_argnums=donate)
+            in_sh = (frozen_sh, state_sh, xs_sh, rep)
+            # global_inputs: host values become global arrays when the mesh spans processes (a
+            # no-op in one process).
+            fn = dist.global_inputs(jax.jit(run, in_shardings=in_sh,
+                                            out_shardings=(state_sh, per_step_sh, per_step_sh),
+                                            donate_argnums=donate), in_sh)
         fn = (fn, key)
         _CHUNK_FNS[key] = fn
     return fn

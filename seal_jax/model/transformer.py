@@ -163,16 +163,51 @@ class Projection(nn.Module):
         return y
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _is_cuda_backend() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    # ROCm also reports "gpu"; cuDNN exists only on CUDA.
+    client = getattr(jax.devices()[0], "client", None)
+    version = str(getattr(client, "platform_version", "")).lower()
+    return "rocm" not in version and "hip" not in version
+
+
+def select_attention_impl(impl: str, *, dtype, head_dim: int, q_len: int, kv_len: int) -> str:
+    """The attention implementation that runs: "xla" or "cudnn" (decided at trace time).
+
+    "xla" (einsum softmax) runs on every backend. "cudnn" is the fused kernel of
+    `jax.nn.dot_product_attention`, which exists only on CUDA GPUs, so on TPU/CPU/ROCm an explicit
+    "cudnn" falls back to "xla": a config tuned on GPUs runs unchanged on a TPU pod. "auto" picks
+    cuDNN on a CUDA GPU when the shapes meet its constraints (bf16/fp16 inputs, head_dim a multiple of
+    8 and <= 128, even query and key lengths, which rules out single-token decode steps) and "xla"
+    everywhere else.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; use one of {ATTENTION_IMPLS}")
+    if impl == "xla" or not _is_cuda_backend():
+        return "xla"
+    if impl == "cudnn":
+        return "cudnn"
+    shapes_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+                 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0)
+    return "cudnn" if shapes_ok else "xla"
+
+
 def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
     """Grouped-query attention over a boolean mask; rows with no visible key return zeros."""
     batch, t, n_heads, head_dim = q_BxTxNxH.shape
     n_kv = k_BxSxKxH.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
-    if cfg.attention_impl == "cudnn":
+    impl = select_attention_impl(cfg.attention_impl, dtype=q_BxTxNxH.dtype, head_dim=head_dim,
+                                 q_len=t, kv_len=k_BxSxKxH.shape[1])
+    if impl == "cudnn":
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=scale,
             implementation="cudnn")
-    elif cfg.attention_impl == "xla":
+    else:
         q_BxTxKxGxH = q_BxTxNxH.reshape(batch, t, n_kv, n_heads // n_kv, head_dim)
         # Scores in the compute dtype, softmax in float32 (as HF's eager bf16 path). A float32
         # *output* of a bf16 matmul would make its backward a float32 GEMM against bf16 operands.
@@ -181,8 +216,6 @@ def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
         out_BxTxNxH = out.reshape(batch, t, n_heads, head_dim)
-    else:
-        raise ValueError(f"unknown attention_impl {cfg.attention_impl!r}; use 'xla' or 'cudnn'")
     # A padding query sees no key; its output is meaningless. Zero it so that it can never turn into
     # NaN/Inf that would leak into real rows through 0 * NaN in later layers.
     has_key_BxT = jnp.any(mask_BxTxS, axis=-1)
