@@ -21,6 +21,10 @@ H200), so the step is built to read each byte once:
 * No host round trip per step: `decode_segment` loops on the device until all rows are done, a row
   needs more cache than S, or `exit_after` rows are done (so the host can refill them).
 
+Every path here is plain JAX (no Pallas, no cuDNN call), so it runs unchanged on TPU and CPU; the
+one GPU-only model option (`attention_impl="cudnn"`, used by the prefill through the model) is
+replaced by `portable` on other backends.
+
 Prefill uses the model's own `forward_with_cache` (layer scan; prompts are compute-bound, so the
 per-layer slice copies do not matter there) on left-padded prompts, then moves each row's keys and
 values to slots [0, prompt length) of its cache row.
@@ -119,6 +123,24 @@ def init_state(cfg: ModelConfig, batch: int, capacity: int, out_len: int, stop_w
         "temperature": zeros(jnp.float32), "top_p": jnp.ones((batch,), jnp.float32),
         "seed": zeros(jnp.uint32), "request": zeros(jnp.uint32),
     }
+
+
+def portable(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with GPU-only choices replaced where they cannot run: cuDNN attention becomes the plain
+    XLA attention on every backend but GPU (TPU, CPU). The decode step itself has no such path."""
+    if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        return cfg.replace(attention_impl="xla")
+    return cfg
+
+
+def state_logical_axes(state: State) -> State:
+    """Logical axis names of each state leaf (rows on "batch", cache heads on "kv_heads"), for
+    sharding the state like the model (`seal_jax.sharding`)."""
+    def axes(x):
+        if x.ndim == 4:
+            return ("batch", "kv_heads", None, "head_dim")
+        return ("batch",) + (None,) * (x.ndim - 1)
+    return jax.tree.map(axes, state)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seal_jax import decode
+from seal_jax import decode, sharding
 from seal_jax.lora import check_lora, num_candidates
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
@@ -210,6 +210,39 @@ def on_device(params: Params) -> Params:
     return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
 
 
+def place_on_mesh(params: Params, lora_LxK: Optional[Lora], cfg: ModelConfig, mesh=None,
+                  rules=None) -> tuple[Params, Optional[Lora]]:
+    """Base params and grouped adapters onto the devices, once per call.
+
+    Without a mesh: host leaves -> the default device (device arrays pass through). With a mesh: the
+    base follows the rules table (FSDP / tensor parallel, `seal_jax.sharding`) and the adapters
+    `[L, K, ...]` are split over the candidate mesh axes when K divides evenly (else replicated).
+    Arrays already placed that way are not moved.
+    """
+    if mesh is None:
+        return on_device(params), lora_LxK
+    rules = rules or sharding.DEFAULT_RULES
+    params = jax.device_put(params, sharding.logical_to_sharding(
+        transformer.param_logical_axes(cfg), mesh, rules, params))
+    if lora_LxK is not None:
+        k = jax.tree.leaves(lora_LxK)[0].shape[1]
+        whole = k % sharding.candidate_shards(mesh, rules) != 0
+        lora_LxK = jax.tree.map(
+            lambda x: jax.device_put(x, sharding.replicated(mesh) if whole
+                                     else sharding.candidate_sharding(mesh, x.ndim, 1, rules)),
+            lora_LxK)
+    return params, lora_LxK
+
+
+def shard_rows(tree: Any, logical_axes: Any, mesh=None, rules=None) -> Any:
+    """Place per-row arrays with rows on the "batch" logical axis (split where the mesh divides the
+    row count, else replicated); unchanged without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, sharding.logical_to_sharding(
+        logical_axes, mesh, rules or sharding.DEFAULT_RULES, tree))
+
+
 def gather_groups(lora_LxK: Optional[Lora], adapters_G: jax.Array) -> Optional[Lora]:
     """[L, K, ...] -> [L, G, ...]: the adapters of one batch's groups (traced, once per batch)."""
     if lora_LxK is None:
@@ -322,6 +355,8 @@ def generate(
     batch_size: int = 32,
     prefill_chunk: int = PREFILL_CHUNK,
     refill: bool = True,
+    mesh=None,
+    rules=None,
 ) -> list[Generation]:
     """Complete every prompt; results come back in prompt order.
 
@@ -334,9 +369,14 @@ def generate(
     takes the next pending request, so short requests do not wait for the longest in their batch;
     `refill=False` starts new requests only when the whole batch is done. Results are the same
     either way (each request's sample stream depends only on its seed and position).
+
+    `mesh` / `rules` (`seal_jax.sharding`): run on a device mesh, the base sharded by the rules
+    (FSDP and/or tensor parallel), adapters split over the candidate axes and the batch rows over
+    the "batch" axes, so a model that only fits across devices can be sampled. None: one device.
     """
     arrays = check_prompts(prompts, cfg)
     n = len(arrays)
+    cfg = decode.portable(cfg)
     if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
         raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
     if isinstance(sampling, SamplingParams):
@@ -368,12 +408,13 @@ def generate(
     if active:
         _decode_requests(params, arrays, per_row, stops, active, generations, finish,
                          cfg=cfg, lora_LxK=lora_LxK, lora_cfg=lora_cfg, index=index, pad_id=pad_id,
-                         batch_size=batch_size, prefill_chunk=prefill_chunk, refill=refill)
+                         batch_size=batch_size, prefill_chunk=prefill_chunk, refill=refill,
+                         mesh=mesh, rules=rules)
     return generations
 
 
 def _decode_requests(params, arrays, per_row, stops, active, generations, finish, *, cfg, lora_LxK,
-                     lora_cfg, index, pad_id, batch_size, prefill_chunk, refill):
+                     lora_cfg, index, pad_id, batch_size, prefill_chunk, refill, mesh, rules):
     """Run `active` requests through one device batch, refilling rows as they free up."""
     lengths = np.array([a.size for a in arrays])
     adapters = np.zeros(len(arrays), np.int64) if index is None else index
@@ -384,7 +425,7 @@ def _decode_requests(params, arrays, per_row, stops, active, generations, finish
     flags = dict(stochastic=bool(np.any(temperature[active] > 0)),
                  nucleus=bool(np.any((temperature[active] > 0) & (top_p[active] < 1.0))))
     lora_cfg = lora_cfg if lora_LxK is not None else None
-    params = on_device(params)
+    params, lora_LxK = place_on_mesh(params, lora_LxK, cfg, mesh, rules)
     weights = decode.decode_weights(params, decode.split_layers(params["layers"]), cfg)
     stop_width = bucket(max(len(stops[r]) for r in active), MIN_STOP_BUCKET)
     out_len = bucket(int(max_new[active].max()), MIN_NEW_TOKENS_BUCKET)
@@ -407,6 +448,7 @@ def _decode_requests(params, arrays, per_row, stops, active, generations, finish
         target = capacity_bucket(max([want] + prompt_cols))
         if state is None:
             state = decode.init_state(cfg, rows.batch, target, out_len, stop_width)
+            state = shard_rows(state, decode.state_logical_axes(state), mesh, rules)
             capacity = target
         elif target > capacity or target <= capacity // 2:
             state = decode.resize(state, capacity=target)

@@ -367,3 +367,14 @@ def test_cache_grows_and_shrinks_between_segments(llama, monkeypatch):
     want = generate(params, prompts, cfg=cfg, sampling=sampling, batch_size=2, refill=False)
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
     assert got[0].token_ids == full_recompute_greedy(params, prompts[0], 150, cfg, width=160)
+
+
+def test_gpu_only_attention_falls_back_off_gpu(llama):
+    cfg, params = llama
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN attention is the real path on GPU")
+    prompts = random_prompts(cfg, [5, 9], seed=10)
+    want = generate(params, prompts, cfg=cfg, sampling=NO_STOP)
+    got = generate(params, prompts, cfg=cfg.replace(attention_impl="cudnn"), sampling=NO_STOP)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert decode.portable(cfg.replace(attention_impl="cudnn")).attention_impl == "xla"
