@@ -20,8 +20,8 @@ from jaxtyping import Array, Bool, Int
 from seal_jax.loss import next_token_nll
 from seal_jax.model.config import LoraConfig, ModelConfig
 from seal_jax.model.tokenizer import resolve_pad_id
-from seal_jax.sampling import (bucket, check_prompts, gather_groups, on_device, plan_row_groups,
-                               prepare_lora)
+from seal_jax.sampling import (bucket, check_prompts, gather_groups, place_on_mesh, plan_row_groups,
+                               prepare_lora, shard_rows)
 
 MIN_LENGTH_BUCKET = 16
 # Rows x positions of float32 logits held at once (seal_jax/loss.py): 2048 x 152k vocab = 1.2 GB.
@@ -62,12 +62,15 @@ def score_sequences(
     adapter_index: Optional[Sequence[int]] = None,
     batch_size: int = 16,
     pad_id: Optional[int] = None,
+    mesh=None,
+    rules=None,
 ) -> SequenceScores:
     """log p(completion | prompt) per row, with token counts and per-token means.
 
     `lora` / `adapter_index` work as in `sampling.generate`: one adapter for all rows, or a
     candidate stack `[K, L, ...]` with one candidate index per row. Prompts must be non-empty (the
     first completion token needs context); an empty completion scores 0 over 0 tokens.
+    `mesh` / `rules` shard the base, the adapters and the rows as in `sampling.generate`.
     """
     prompt_arrays = check_prompts(prompts, cfg, "prompt")
     completion_arrays = check_prompts(completions, cfg, "completion")
@@ -75,7 +78,7 @@ def score_sequences(
     if len(completion_arrays) != n:
         raise ValueError(f"got {len(completion_arrays)} completions for {n} prompts")
     lora_LxK, index = prepare_lora(lora, lora_cfg, cfg, adapter_index, n)
-    params = on_device(params)
+    params, lora_LxK = place_on_mesh(params, lora_LxK, cfg, mesh, rules)
     if pad_id is None:
         pad_id = resolve_pad_id(None, cfg)
     lengths = [p.size + c.size for p, c in zip(prompt_arrays, completion_arrays)]
@@ -95,6 +98,8 @@ def score_sequences(
             tokens[j, p.size : p.size + c.size] = c
             segments[j, : p.size + c.size] = 1
             targets[j, p.size : p.size + c.size] = True
+        tokens, segments, targets = shard_rows((tokens, segments, targets),
+                                               (("batch", None),) * 3, mesh, rules)
         result = _score_batch(
             params, lora_LxK, jnp.asarray(plan.adapters), tokens, segments, targets,
             cfg=cfg, lora_cfg=lora_cfg if lora_LxK is not None else None,
@@ -122,9 +127,11 @@ def sequence_logprobs(
     lora_cfg: Optional[LoraConfig] = None,
     adapter_index: Optional[Sequence[int]] = None,
     batch_size: int = 16,
+    mesh=None,
+    rules=None,
 ) -> np.ndarray:
     """sum log p(completion | prompt) per row (docs/DESIGN.md §4); see `score_sequences`."""
     return score_sequences(
         params, prompts, completions, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
-        adapter_index=adapter_index, batch_size=batch_size,
+        adapter_index=adapter_index, batch_size=batch_size, mesh=mesh, rules=rules,
     ).sum_logprob
