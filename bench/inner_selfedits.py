@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from seal_jax import inner  # noqa: E402
+from seal_jax import compile_cache, inner  # noqa: E402
 from seal_jax.model import transformer  # noqa: E402
 from seal_jax.model.config import LoraConfig  # noqa: E402
 from seal_jax.model.embedded import load_embedded  # noqa: E402
@@ -69,8 +69,11 @@ def main(argv=None):
     ap.add_argument("--remat", default="auto", choices=["off", "on", "auto"])
     ap.add_argument("--loss-chunk-mib", type=int, default=inner.InnerConfig.loss_chunk_mib)
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--compile-cache", default="", help="persistent XLA cache directory")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if args.compile_cache:
+        compile_cache.enable(args.compile_cache)
 
     cfg, params, tokenizer = load_embedded()
     if args.model != "embedded":
