@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Bool, Float, Int
 
 from seal_jax import distributed as dist
 from seal_jax import lora as lora_lib
@@ -70,13 +71,13 @@ class InnerResult:
     """Outcome of `train_candidates`; host fields are numpy."""
 
     lora: Any  # trained params [K, ...] (adapters, or base params when full fine-tuning)
-    losses: np.ndarray  # [K, S] loss per step, NaN where the candidate took no step
-    grad_norms: np.ndarray  # [K, S] pre-clip global gradient norm, NaN where no step
-    failed: np.ndarray  # [K] bool
+    losses: Float[np.ndarray, "K S"]  # loss per step, NaN where the candidate took no step
+    grad_norms: Float[np.ndarray, "K S"]  # pre-clip global gradient norm, NaN where no step
+    failed: Bool[np.ndarray, " K"]
     failure_reason: list  # [K] str | None
-    steps: np.ndarray  # [K] optimizer steps committed
-    failed_step: np.ndarray  # [K] step index of the failure, -1 if none
-    truncated_sequences: np.ndarray = None  # [K] sequences cut to the maximum length
+    steps: Int[np.ndarray, " K"]  # optimizer steps committed
+    failed_step: Int[np.ndarray, " K"]  # step index of the failure, -1 if none (0 if rejected)
+    truncated_sequences: Int[np.ndarray, " K"] = None  # sequences cut to the maximum length
 
     def select(self, index: Sequence[int]) -> "InnerResult":
         index = np.asarray(index, np.int64)

@@ -479,3 +479,13 @@ def test_grouped_calls_give_each_candidate_its_own_result(params, monkeypatch):
                               pad_id=PAD)
     assert got.failure_reason == [None] * 4
     _assert_same_candidates(got, want, np.arange(4))
+
+
+def test_step_config_resolves_remat_and_loss_chunk():
+    on_cpu = inner.StepConfig.from_inner(CFG, LC, IC)
+    assert on_cpu.cfg.remat is (jax.default_backend() != "cpu")  # remat=None: accelerators only
+    assert inner.StepConfig.from_inner(CFG, LC, IC.replace(remat=True)).cfg.remat is True
+    # 1 MiB of float32 logits over 4 candidates of a 256-token vocabulary: 256 tokens per chunk.
+    small = inner.StepConfig.from_inner(CFG, LC, IC.replace(loss_chunk_mib=1), candidates_per_device=4)
+    assert small.loss_chunk_tokens == (1 << 20) // (4 * 4 * CFG.vocab_size) == 256
+    assert inner.StepConfig.from_inner(CFG, LC, IC.replace(loss_chunk_mib=0)).loss_chunk_tokens is None
