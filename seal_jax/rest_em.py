@@ -229,7 +229,8 @@ def run_rounds(exp: "Experiment", hooks: RoundHooks = RoundHooks()) -> dict:
         state = meta["state"]
         log.info("resumed after round %d from %s", state["round"], ckpt.directory)
 
-    if not state.get("evaluated_start") and hooks.evaluate is not None:
+    # (a state saved before this flag existed has its start table already when it has any rows)
+    if not state.get("evaluated_start", bool(state["table"])) and hooks.evaluate is not None:
         state["table"] += hooks.evaluate(exp, 0)
         state["evaluated_start"] = True
         write(exp, state)
