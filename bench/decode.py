@@ -211,6 +211,9 @@ def main(argv=None) -> dict:
         ragged[0]["same_tokens_as_no_refill"] = outputs[True] == outputs[False]
         ragged[0]["speedup_vs_no_refill"] = round(ragged[1]["best_s"] / ragged[0]["best_s"], 3)
 
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        result["peak_device_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
     save()
     print(table(result))
     return result

@@ -6,7 +6,8 @@ H200), so the step is built to read each byte once:
 * Layer weights are split out of the stacked `[L, ...]` arrays once per call (`split_layers`) and
   the layer loop is unrolled over the per-layer arrays. Slicing a layer out of a stacked array inside
   the step (what the model's layer scan does) makes XLA copy the slice every step, which moves the
-  weights three times instead of once.
+  weights three times instead of once. The price is a second copy of the layer weights (sharded
+  like the first) while `generate` runs.
 * The cache is one `[B, KV, S, Dh]` buffer per layer for k and for v: the layout a matmul batched over
   (row, kv head) reads without a transpose. Each step scatters one slot per row in place (the buffers
   are while-loop carries, and are donated from one call to the next).

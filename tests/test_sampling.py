@@ -256,7 +256,7 @@ def sorted_nucleus_mask(logits_BxV, top_p_B):
         probs /= probs.sum()
         before = np.cumsum(probs) - probs
         keep[b, order] = (before < top_p) | (np.arange(len(row)) == 0) | (top_p >= 1.0)
-    return keep, before
+    return keep
 
 
 def test_nucleus_mask_equals_full_sort_including_ties():
@@ -270,7 +270,7 @@ def test_nucleus_mask_equals_full_sort_including_ties():
     rows += [np.zeros(64), np.r_[5.0, np.zeros(63)], rows[0], rows[6]]
     top_p = np.array(top_p + [0.5, 0.5, 1e-6, 1.0])
     logits = np.stack(rows).astype(np.float32)
-    want, _ = sorted_nucleus_mask(logits, top_p)
+    want = sorted_nucleus_mask(logits, top_p)
     # A random boundary within float32 rounding of top_p could go either way in either
     # implementation.
     for row, p in zip(logits[:12], top_p[:12]):
@@ -290,7 +290,7 @@ def test_nucleus_sampling_draws_the_same_token_as_the_sorted_definition():
     seed = jnp.arange(batch, dtype=jnp.uint32) * 7
     request, step = jnp.arange(batch, dtype=jnp.uint32), jnp.full(batch, 3, jnp.uint32)
     scaled = np.asarray(logits / temperature[:, None])
-    keep, _ = sorted_nucleus_mask(scaled, np.asarray(top_p))
+    keep = sorted_nucleus_mask(scaled, np.asarray(top_p))
     for draw in range(5):  # five independent draws per row
         got = decode.pick_tokens(logits, seed + draw, request, step, temperature, top_p,
                                  stochastic=True, nucleus=True)
