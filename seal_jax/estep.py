@@ -16,6 +16,7 @@ A candidate ends in one of four states, all recorded:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import zlib
 from typing import Any, Callable, Optional, Sequence
@@ -23,8 +24,12 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from seal_jax import interrupt
 from seal_jax.domain import CandidateFailure, Domain, Score
 from seal_jax.engine import Engine, evaluate_contexts
+from seal_jax.rundir import record_key, training_config_hash
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -71,15 +76,21 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                      done: Optional[dict[tuple, dict]] = None,
                      on_record: Optional[Callable[[dict], None]] = None,
                      build: Optional[Callable[[Any, str], Any]] = None,
-                     progress: bool = True) -> list[EditOutcome]:
+                     progress: bool = True, config_hash: str = "") -> list[EditOutcome]:
     """Reward of each (context, edit_index, self_edit) = mean adapted score over `reps`.
 
     `done` maps (phase, context_id, edit_index, rep) -> an already written record (resume): those
     candidates are not trained again. `on_record` receives each new record as soon as it exists.
     `build(context, text)` replaces `domain.build_candidate` (e.g. the passage-only baseline).
+
+    Every record carries a content `key` (`seal_jax.rundir.record_key`: the self-edit text, phase,
+    context, edit index, rep, seed, and a hash of the engine's LoRA/inner settings plus `config_hash`),
+    and a done record is reused only when its key matches: a stale record can never score a
+    different self-edit that landed on the same position.
     """
     build = build or domain.build_candidate
     done = done or {}
+    salt = candidate_config_hash(engine, config_hash)
     outcomes: list[EditOutcome] = []
     pending = []  # (outcome, context, spec, rep, seed, base record)
     for ctx, edit_index, text in items:
@@ -88,28 +99,41 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
         outcomes.append(outcome)
         spec = build(ctx, text)
         for rep in range(reps):
-            key = (phase, cid, edit_index, rep)
-            if key in done:
-                outcome.records.append(done[key])
+            cand_seed = candidate_seed(seed, cid, edit_index, rep)
+            content_key = record_key(self_edit=text, phase=phase, context_id=cid, edit_index=edit_index,
+                                     rep=rep, seed=cand_seed, config_hash=salt)
+            previous = done.get((phase, cid, edit_index, rep))
+            if previous is not None and previous.get("key") == content_key:
+                outcome.records.append(previous)
                 continue
+            if previous is not None:
+                log.warning("%s: the record of %s edit %d rep %d is stale (another self-edit or "
+                            "settings); the candidate is scored again", phase, cid, edit_index, rep)
             base_record = {"phase": phase, "context_id": cid, "edit_index": edit_index, "rep": rep,
-                           "self_edit": text}
+                           "self_edit": text, "key": content_key}
             if isinstance(spec, CandidateFailure):
                 record = dict(base_record, failed=True, reason=spec.reason, reward=0.0, **spec.info)
                 outcome.records.append(record)
                 if on_record:
                     on_record(record)
                 continue
-            pending.append((outcome, ctx, spec, rep, candidate_seed(seed, cid, edit_index, rep),
-                            base_record))
+            pending.append((outcome, ctx, spec, rep, cand_seed, base_record))
 
     k = engine.settings.candidates_per_call
-    bar = tqdm(total=len(pending), desc=f"{phase}: train+eval", disable=not progress or not pending)
+    # The bar counts calls (one train and one evaluate call per chunk of K candidates), so it moves
+    # at least once per call, even when all candidates fit in one chunk (the first call compiles).
+    n_chunks = -(-len(pending) // k)
+    bar = tqdm(total=2 * n_chunks, desc=f"{phase}: train+eval calls", unit="call",
+               disable=not progress or not pending)
+    recorded = 0
     for start in range(0, len(pending), k):
         chunk = pending[start:start + k]
+        bar.set_postfix_str(f"training {len(chunk)}, {recorded}/{len(pending)} candidates done")
         result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+        bar.update(1)
         ok = [i for i in range(len(chunk)) if not result.failed[i]]
         scores: dict[int, Score] = {}
+        bar.set_postfix_str(f"evaluating {len(ok)}, {recorded}/{len(pending)} candidates done")
         if ok:
             ok_scores = evaluate_contexts(engine, domain, [chunk[i][1] for i in ok], lora=result.lora,
                                           adapter_index=ok)
@@ -125,7 +149,10 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
             outcome.records.append(record)
             if on_record:
                 on_record(record)
-        bar.update(len(chunk))
+        recorded += len(chunk)
+        bar.update(1)
+        # A stop requested by SIGINT/SIGTERM takes effect here, with this chunk's records on disk.
+        interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
     bar.close()
 
     for outcome in outcomes:
@@ -143,6 +170,14 @@ def summarize(outcome: EditOutcome) -> EditOutcome:
     failures = [r.get("reason") for r in outcome.records if r.get("failed")]
     outcome.failure = failures[0] if failures and len(failures) == len(outcome.records) else None
     return outcome
+
+
+def candidate_config_hash(engine: Engine, extra: str = "") -> str:
+    """Hash of what decides a candidate's training besides its data: the engine's LoRA and inner-loop
+    settings, plus whatever the caller adds (e.g. `rundir.training_config_hash(config)`)."""
+    settings = {"lora": dataclasses.asdict(engine.settings.lora),
+                "inner": dataclasses.asdict(engine.settings.inner), "extra": extra}
+    return training_config_hash(settings, keys=("lora", "inner", "extra"))
 
 
 def candidate_seed(seed: int, context_id: str, edit_index: int, rep: int) -> int:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from seal_jax import results as R
+from seal_jax import interrupt, results as R, rundir
+from seal_jax.errors import UserError
 from seal_jax.engine import evaluate_contexts
 from seal_jax.estep import EditOutcome, score_self_edits
 from seal_jax.sampling import SamplingParams
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 SELECTIONS = ("best_of_k", "all_successful")
 
 
-class RoundError(RuntimeError):
+class RoundError(UserError, RuntimeError):  # the CLI reports it as one line, exit 2
     """A round cannot go on without producing a wrong result (e.g. grading failed wholesale)."""
 
 
@@ -235,6 +236,7 @@ def run_rounds(exp: "Experiment", hooks: RoundHooks = RoundHooks()) -> dict:
         state["round"] = r + 1
         ckpt.save(r + 1, exp.engine.params, {"state": R.json_safe(state)})
         write(exp, state)
+        interrupt.check(f"round {r} (checkpointed)")
     return state
 
 
@@ -245,10 +247,12 @@ def one_round(exp: "Experiment", r: int) -> dict:
     tag = f"round{r}"
     baseline = baseline_scores(exp, contexts, f"{tag}_train")
     edits = sample_self_edits(exp, contexts, rc.k, tag, seed=rc.seed + 1000 * (r + 1))
+    interrupt.check(f"sampling round {r}'s self-edits (saved)")
     items = [(c, i, e) for c, es in zip(contexts, edits) for i, e in enumerate(es)]
     outcomes = score_self_edits(exp.engine, exp.domain, items, reps=rc.reps, seed=rc.seed + r,
                                 phase=f"{tag}/score", done=exp.done_records(),
-                                on_record=exp.records.append, progress=exp.progress)
+                                on_record=exp.records.append, progress=exp.progress,
+                                config_hash=rundir.training_config_hash(exp.config or {}))
     check_graded(outcomes, f"round {r}")
     chosen = select(outcomes, baseline, rc)
     by_id = {exp.domain.context_id(c): c for c in contexts}
