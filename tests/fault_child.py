@@ -6,7 +6,8 @@ are wrapped from outside. `none` runs the CLI unchanged.
 
 The tiny random model writes byte junk that the knowledge domain rejects as "no words", so no
 candidate would ever train; every sampled text is therefore mapped, deterministically, to words
-(`_wordy`) so that the round trains candidates, selects and runs its M-step.
+(`_wordy`) so that the round trains candidates, selects and runs its M-step; empty answers become
+"the river" so that graders judge them.
 """
 import os
 import signal
@@ -41,6 +42,13 @@ def main() -> None:
         texts = [_wordy(t) for t in sample(self, prompts, sampling)]
         hit("sample")  # sampled, not yet saved
         return texts
+
+    answer = engine.Engine.answer
+
+    def wordy_answer(self, *args, **kwargs):
+        # The random model answers with nothing, which graders mark wrong without asking anyone; a
+        # deterministic non-empty answer makes the grader (e.g. an HTTP one) actually judge it.
+        return [t if t.strip() else "the river" for t in answer(self, *args, **kwargs)]
 
     train = engine.Engine.train
 
@@ -79,6 +87,7 @@ def main() -> None:
         return extend(self, records)
 
     engine.Engine.sample = wordy_sample
+    engine.Engine.answer = wordy_answer
     engine.Engine.train = killable_train
     estep.evaluate_contexts = killable_evaluate
     sft.sft_update = killable_sft
