@@ -88,10 +88,15 @@ class PhaseClock:
         original = getattr(obj, method)
 
         def timed(*args, **kwargs):
+            start = time.perf_counter()
             with self.phase(name):
                 out = original(*args, **kwargs)
                 jax.block_until_ready(getattr(out, "lora", None))
-                return out
+            # One line per call, so a run cut short still shows its pace.
+            print(f"[{name}] call {self.calls[name]}: {len(args[0]) if args else 0} items, "
+                  f"{time.perf_counter() - start:.2f} s (compile so far {self.compile_seconds[name]:.1f} s)",
+                  flush=True)
+            return out
 
         setattr(obj, method, timed)
 
@@ -127,7 +132,8 @@ def main():
     ap.add_argument("--peer-candidates", type=int, default=4)
     args = ap.parse_args()
 
-    overrides = {"model": args.model, "grader.kind": "em_f1", "progress": False}
+    overrides = {"model": args.model, "grader.kind": "em_f1", "progress": False,
+                 "run_root": "/tmp/seal_round_bench"}  # the compile cache goes under run_root
     if args.model.startswith("preset:"):
         overrides.update({"tokenizer": "embedded", "param_dtype": "bfloat16"})
     for item in args.set:
@@ -142,6 +148,7 @@ def main():
     with clock.phase("load"):
         engine = X.build_engine(c)
         domain = knowledge_domain(c, engine.tokenizer)
+    print(f"[load] {clock.seconds['load']:.1f} s; K={engine.settings.candidates_per_call}", flush=True)
     clock.wrap(engine, "train", "train")
     clock.wrap(engine, "answer", "evaluate")
     clock.wrap(domain, "score", "grade")
@@ -178,6 +185,7 @@ def main():
         new_params, sft_metrics = m_step(engine.params, examples)
         jax.block_until_ready(new_params)
     del new_params
+    print(f"[m_step] {clock.seconds['m_step']:.1f} s", flush=True)
 
     # Sampling: 5 self-edits per passage from the policy's prompt.
     sampled_tokens = 0

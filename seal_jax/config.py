@@ -59,8 +59,9 @@ def cli_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Sequence[st
     """
     from absl import app
 
-    from seal_jax import interrupt
+    from seal_jax import interrupt, rundir
 
+    discarded: list = []
     argv = list(argv) if argv is not None else list(sys.argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
@@ -78,13 +79,20 @@ def cli_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Sequence[st
                 raise _as_config_error(e) from e
         if validate is not None:
             validate(config)
-        return main(config)
+        try:
+            return main(config)
+        except BaseException:
+            # A failed run leaves no empty folder behind (seal_jax.rundir: only folders it created
+            # that hold nothing beyond their setup files).
+            discarded.extend(rundir.discard_unproductive_runs())
+            raise
 
     try:
         with interrupt.deferred_signals():
             app.run(_run, argv=argv, flags_parser=_parse_flags)
     except Interrupted as e:
-        _report("interrupted", str(e), e.hint, debug)
+        hint = e.hint if not discarded else f"nothing was produced yet; removed {discarded[0]}"
+        _report("interrupted", str(e), hint, debug)
         sys.exit(EXIT_INTERRUPTED)
     except UserError as e:
         _report("error", e.one_line(), e.hint, debug)

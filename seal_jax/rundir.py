@@ -35,14 +35,16 @@ from seal_jax.errors import RunDirError
 
 MARKER = "seal_run.json"
 MARKER_FORMAT = 1
-# Files `create` writes itself: a folder holding only these (and empty folders) has produced nothing.
-_OWN_FILES = frozenset({MARKER, "config.json"})
+# Files written while a run is set up, before any result: a folder holding only these (and empty
+# folders) has produced nothing and is removed when the run fails.
+SETUP_FILES = frozenset({MARKER, "config.json", "split.json"})
+_fresh_runs: list["RunDir"] = []  # created by this process (see discard_unproductive_runs)
 
 # Keys whose change does not alter any result already on disk: more (or fewer) rounds continue the
 # same sequence of rounds; the rest are cosmetic or say where the run is. fnmatch patterns.
 DEFAULT_RESUME_SAFE: tuple[str, ...] = (
     "rest_em.rounds", "progress", "resume", "run_root", "run_name", "debug",
-    "checkpoint.keep_last",
+    "checkpoint.keep_last", "compile_cache",
 )
 
 # Config keys that determine a candidate's training and score (prefixes of dotted keys). Changing any
@@ -140,7 +142,7 @@ class RunDir:
         for _dirpath, _dirnames, filenames in os.walk(self.path):
             rel = pathlib.Path(_dirpath).relative_to(self.path)
             for name in filenames:
-                if rel != pathlib.Path(".") or name not in _OWN_FILES:
+                if rel != pathlib.Path(".") or (name not in SETUP_FILES and not name.endswith(".tmp")):
                     return True
         return False
 
@@ -156,8 +158,8 @@ class RunDir:
             pass
         return True
 
-    def resume_hint(self, command: str = "python -m seal_jax --config <same config>") -> str:
-        return f"resume with: {command} --config.resume={self.path}"
+    def resume_hint(self, argv: Optional[Sequence[str]] = None) -> str:
+        return f"resume with: {resume_command(self.path, argv)}"
 
     def __enter__(self) -> "RunDir":
         return self
@@ -171,7 +173,7 @@ class RunDir:
 def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -212,11 +214,29 @@ def create(root: str | os.PathLike, name: str, config: Any, *, kind: str,
         "resumed": [],
     }
     run = RunDir(path, marker, fresh=True)
+    _fresh_runs.append(run)
     with run:  # a failure while marking leaves no folder
         _write_json_atomic(path / "config.json", config.to_dict() if hasattr(config, "to_dict")
                            else dict(config))
         _write_json_atomic(path / MARKER, marker)
     return run
+
+
+def discard_unproductive_runs() -> list[pathlib.Path]:
+    """Remove the run folders this process created that hold nothing yet (call when a run fails)."""
+    removed = [run.path for run in _fresh_runs if run.discard_if_empty()]
+    _fresh_runs.clear()
+    return removed
+
+
+def resume_command(run_path: pathlib.Path, argv: Optional[Sequence[str]] = None) -> str:
+    """The command line that resumes this run: the original arguments plus --config.resume=<path>."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in args if not a.startswith("--config.resume")]
+    return " ".join(["python -m seal_jax", *map(shlex.quote, args), f"--config.resume={run_path}"])
 
 
 def read_marker(path: str | os.PathLike) -> dict:

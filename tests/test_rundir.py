@@ -136,3 +136,42 @@ def test_training_config_hash_ignores_keys_that_do_not_change_a_candidate():
     assert rundir.training_config_hash(_config(**{"rest_em.rounds": 5, "progress": False, "seed": 3})) == h
     assert rundir.training_config_hash(_config(**{"self_edit.prompt": "rewrite"})) != h
     assert rundir.training_config_hash(_config(**{"lora.targets": ("q", "k")})) != h
+
+
+def test_discard_unproductive_runs_and_resume_command(tmp_path):
+    empty = rundir.create(tmp_path, "a", _config(), kind="k")
+    (empty.path / "split.json").write_text("{}")  # setup bookkeeping is not a product
+    used = rundir.create(tmp_path, "b", _config(), kind="k")
+    (used.path / "records.jsonl").write_text("{}\n")
+    assert rundir.discard_unproductive_runs() == [empty.path]
+    assert not empty.path.exists() and used.path.exists()
+    assert rundir.discard_unproductive_runs() == []  # each fresh run is considered once
+    cmd = rundir.resume_command(used.path, ["--config=c.py:demo", "--config.resume=old", "--config.x=a b"])
+    assert cmd == f"python -m seal_jax --config=c.py:demo '--config.x=a b' --config.resume={used.path}"
+
+
+def test_a_stale_record_never_scores_a_different_self_edit():
+    """Same position (context, edit index, rep), other text: the candidate is trained again."""
+    from seal_jax.estep import done_records, score_self_edits
+    from toy_domain import ToyDomain, Word, toy_engine
+
+    engine = toy_engine(candidates_per_call=2)
+    domain = ToyDomain(engine.tokenizer)
+    calls = []
+    train = engine.train
+    engine.train = lambda specs, seeds, **kw: calls.append(len(specs)) or train(specs, seeds, **kw)
+    log = []
+    first = score_self_edits(engine, domain, [(Word("apple"), 0, "red fruit")], reps=1, seed=0, phase="p",
+                             on_record=log.append, progress=False)
+    assert calls == [1] and len(log) == 1 and log[0]["key"]
+    again = score_self_edits(engine, domain, [(Word("apple"), 0, "red fruit")], reps=1, seed=0, phase="p",
+                             done=done_records(log), on_record=log.append, progress=False)
+    assert calls == [1] and again[0].records == first[0].records  # reused, not retrained
+    other = score_self_edits(engine, domain, [(Word("apple"), 0, "green fruit")], reps=1, seed=0, phase="p",
+                             done=done_records(log), on_record=log.append, progress=False)
+    assert calls == [1, 1] and other[0].records[0]["self_edit"] == "green fruit"
+    assert other[0].records[0]["key"] != log[0]["key"]
+    legacy = [{k: v for k, v in log[0].items() if k != "key"}]  # a record written before content keys
+    score_self_edits(engine, domain, [(Word("apple"), 0, "red fruit")], reps=1, seed=0, phase="p",
+                     done=done_records(legacy), progress=False)
+    assert calls == [1, 1, 1]

@@ -277,7 +277,10 @@ def load_hf_checkpoint(path, *, param_dtype: Optional[str] = None):
         hf = json.loads(config_path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-    cfg = config_from_hf(hf, param_dtype=param_dtype)
+    try:
+        cfg = config_from_hf(hf, param_dtype=param_dtype)
+    except KeyError as e:  # a field every HF config of a supported architecture has
+        raise CheckpointError(f"{config_path}: missing field {e.args[0]!r}") from None
     files = _weight_files(path)
     handles = {}
 

@@ -15,6 +15,7 @@ from seal_jax import results as R
 from seal_jax.config import ConfigError
 from seal_jax.rest_em import round_config
 from seal_jax.tasks.knowledge import data as D
+from seal_jax.tasks.knowledge.config_rules import validate_knowledge_config
 from seal_jax.tasks.knowledge.domain import KnowledgeDomain, KnowledgeSettings
 from seal_jax.tasks.knowledge.experiments import KnowledgeExperiment
 from seal_jax.tasks.knowledge.graders import make_grader
@@ -122,20 +123,22 @@ def knowledge_domain(c, tokenizer) -> KnowledgeDomain:
 
 
 def build_experiment(c) -> KnowledgeExperiment:
+    # Every value checked at once, before anything is loaded or created.
+    validate_knowledge_config(c)
     validate(c)
     X.initialize_distributed(c)
     X.engine_configs(c)  # config errors before a run directory exists
     sft_cfg = X.sft_config(c)
     rc = round_config(c, contexts_per_round=int(c.rest_em.passages_per_round))
-    run_dir = X.open_run_dir(c)
 
     passages = load_all_passages(c)
     train, evaluation = split_from_config(c, passages)
-    R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
-
+    file_edits = load_file_self_edits(c.self_edit.from_file, passages) if c.self_edit.from_file else {}
     engine = X.build_engine(c)
     domain = knowledge_domain(c, engine.tokenizer)
-    file_edits = load_file_self_edits(c.self_edit.from_file, passages) if c.self_edit.from_file else {}
+    # Only now, with data and model loaded, does the run get (or reopen) its folder.
+    run_dir = X.open_run_dir(c)
+    R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
     records, checkpointer = X.run_files(run_dir)
     return KnowledgeExperiment(config=c, engine=engine, domain=domain, train_contexts=train,
                                eval_contexts=evaluation, run_dir=run_dir, records=records,
