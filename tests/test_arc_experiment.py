@@ -1,0 +1,122 @@
+"""The ARC experiment end to end on a tiny random model: table rows, records, ReST-EM plumbing."""
+import json
+
+import jax
+import pytest
+
+from arc_helpers import ByteTokenizer
+from seal_jax import inner, sft
+from seal_jax.checkpoints import RecordLog
+from seal_jax.config import load_config
+from seal_jax.model import transformer
+from seal_jax.model.config import LoraConfig
+from seal_jax.model.presets import get_preset
+from seal_jax.runner import EngineSettings
+from seal_jax.tasks.arc import dataset as D, evaluate as E, experiment as X, selfedit as S, synthetic
+from seal_jax.tasks.arc.domain import ArcDomain, ArcSettings
+from seal_jax.tasks.base import Score
+
+
+def test_configs_load():
+    for variant in ("demo", "reference-cpu", "paper"):
+        c = load_config(f"configs/arc.py:{variant}")
+        assert c.domain == "arc"
+    with pytest.raises(ValueError, match="unknown arc config"):
+        load_config("configs/arc.py:nope")
+
+
+def test_wilson_interval():
+    lo, hi = X.wilson(29, 40)
+    assert 0.56 < lo < 0.6 and 0.83 < hi < 0.86  # the paper's 72.5% at n = 40
+    assert X.wilson(0, 10)[0] == 0.0
+
+
+@pytest.mark.slow
+def test_run_end_to_end_tiny(tmp_path, monkeypatch):
+    tok = ByteTokenizer()
+    cfg = get_preset("tiny-llama").replace(vocab_size=260)
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    icfg = inner.InnerConfig(batch_size=2, schedule="cosine", steps_per_chunk=4,
+                             length_buckets=(400,), candidate_buckets=(4,))
+    engine = X.ArcEngine(cfg, params, tok, EngineSettings(
+        lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")), inner=icfg, candidates_per_call=4))
+    engine.shared_seed = 0
+    settings = ArcSettings(dataset=D.DatasetSettings(leave_n=(1,), max_samples=4, max_tokens=400),
+                           queries=E.QuerySettings(augment=False, permute_n=0, max_answer_tokens=12))
+    c = load_config("configs/arc.py:demo")
+    with c.unlocked():
+        c.progress = False
+        c.self_edit.k_train = 2
+        c.self_edit.k_eval = 2
+        c.oracle_configs = []
+        c.plots = 1
+        c.self_edit.max_resamples = 0  # resampling is tested on its own below
+    tasks = [synthetic.make_task("flip_lr", i, num_demos=3, max_side=2) for i in range(2)]
+    sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=4.0, targets=("q", "v")), epochs=1,
+                            batch_size=2, microbatches=1, length_buckets=(2048,))
+    exp = X.ArcExperiment(c, engine, ArcDomain(tok, settings), tasks, tasks[:1], tmp_path,
+                          RecordLog(tmp_path / "records.jsonl"), sft_cfg)
+
+    # The random model writes garbage: make the policy reply one valid config and one invalid reply,
+    # and reward configs with basic augmentations on, to exercise selection and the SFT step.
+    good = S.SelfEditConfig(True, False, False, False, "train_using_output_tokens", 1e-3, 1).text()
+    monkeypatch.setattr(engine, "sample", lambda prompts, sampling: [
+        good if i % 2 == 0 else "not json" for i in range(len(prompts))])
+    real_score = exp.domain.score
+
+    def score(jobs):
+        out = real_score(jobs)
+        return [Score(1.0 if job.context is tasks[0] else s.reward, s.details)
+                for job, s in zip(jobs, out)]
+
+    monkeypatch.setattr(exp.domain, "score", score)
+    params_before = engine.params
+    result = X.run(exp)
+    methods = [r["method"] for r in result["table"]]
+    assert methods[:3] == ["no TTT (in-context)", "TTT, fixed config",
+                           "oracle (best config per task, hindsight)"]
+    assert methods[3:] == ["SEAL round 0 (base policy)", "SEAL round 1"]
+    seal1 = result["table"][4]
+    assert seal1["pairs"] == 2 and seal1["invalid_self_edits"] == 1
+    [round1] = result["rest_em"]
+    assert round1["positives"] == 1 and round1["invalid"] == 2  # task 0 rewarded, task 1 not
+    assert engine.params is not params_before  # the policy was fine-tuned and merged
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    invalid = [r for r in records if r.get("parse_error")]
+    assert len(invalid) == 2 + 1 + 1  # train round 1: 2 tasks x 1; eval rounds 0 and 1: 1 each
+    assert all(r["failed"] and r["reward"] == 0 and "invalid self-edit: not_json" in r["reason"]
+               for r in invalid)
+    attempts = json.loads((tmp_path / "self_edits_train_round1.json").read_text())["attempts"]
+    assert sum(not a["valid"] for a in attempts) == 2
+    assert (tmp_path / "results.md").read_text().count("SEAL round") == 2
+    assert (tmp_path / f"task_{tasks[0].id}.png").exists()
+
+
+def test_sampling_resamples_invalid_replies_up_to_the_limit(tmp_path):
+    from types import SimpleNamespace
+
+    c = load_config("configs/arc.py:demo")
+    with c.unlocked():
+        c.self_edit.max_resamples = 2
+    good = S.REFERENCE_TTT_CONFIG.text()
+    calls = []
+
+    def sample(prompts, sampling):
+        calls.append(len(prompts))
+        # slot 0 is valid at once; slot 1 on its second resample; slot 2 never
+        slots = range(3) if len(calls) == 1 else (1, 2)  # pending slots, in order
+        assert len({sp.seed for sp in sampling}) == len(sampling)  # every row its own stream
+        return [good if slot == 0 or (slot == 1 and len(calls) == 3) else "```json\n{}\n```"
+                for slot in slots]
+
+    tok = ByteTokenizer()
+    exp = SimpleNamespace(config=c, run_dir=tmp_path, timings={},
+                          engine=SimpleNamespace(sample=sample, tokenizer=tok),
+                          domain=ArcDomain(tok, ArcSettings()))
+    tasks = [synthetic.make_task("flip_lr", 0)]
+    texts = X.sample_self_edits(exp, tasks, 3, "t", seed=0)
+    assert calls == [3, 2, 2]
+    assert texts[0][0] == good and texts[0][1] == good and texts[0][2].startswith("```")
+    log = json.loads((tmp_path / "self_edits_t.json").read_text())["attempts"]
+    assert len(log) == 7 and sum(a["valid"] for a in log) == 2
+    assert all(a["reason"].startswith("markdown") for a in log if not a["valid"])
