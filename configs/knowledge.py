@@ -7,6 +7,8 @@ Variants (`--config configs/knowledge.py:<variant>`):
              200 passages); point `model` at a real HF checkpoint directory and `data` at SQuAD.
   cpt        multi-passage continued pretraining: one adapter on all passages' self-edits.
   continual  sequential self-edits and the forgetting matrix (paper §5).
+  study      every self-edit of given files (many per passage, any source) trained and evaluated
+             with reps: per-edit rewards and a table per source / prompt style.
 Any field can be overridden: `--config.model=/path/to/hf_dir --config.rest_em.rounds=3`.
 """
 import ml_collections
@@ -18,7 +20,8 @@ ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 def base_config():
     c = ml_collections.ConfigDict()
-    c.experiment = "rest_em"  # rest_em | single_passage | cpt | continual
+    c.domain = "knowledge"  # picks the domain package (seal_jax/tasks/__init__.py registry)
+    c.experiment = "rest_em"  # rest_em | single_passage | cpt | continual | study
     c.seed = 0
     c.run_root = "runs"
     c.run_name = "knowledge"
@@ -102,7 +105,10 @@ def base_config():
     c.rest_em.rounds = 1
     c.rest_em.passages_per_round = 4
     c.rest_em.reps = 1
+    c.rest_em.selection = "best_of_k"  # best_of_k (reference) | all_successful (reward >= threshold)
     c.rest_em.require_improvement = False  # reference: keep the best of k even if not above baseline
+    c.rest_em.success_threshold = 1.0  # all_successful: a self-edit is kept when its reward >= this
+    c.rest_em.save_adapters = False  # keep every candidate's adapter (PEFT) for `seal_jax.export`
     c.rest_em.sft = ml_collections.ConfigDict()
     c.rest_em.sft.rank = 64
     c.rest_em.sft.alpha = 128.0
@@ -172,6 +178,18 @@ def get_config(variant: str = "demo"):
     elif variant == "continual":
         c.run_name = "knowledge-continual"
         c.experiment = "continual"
+    elif variant == "study":
+        # Every self-edit of one or more files (any source: other models, prompt styles, hand
+        # written), each trained and evaluated `reps` times; a table per source / style. E.g.
+        # --config.study.files=qwen7b=../shared/data/squad/self_edits_qwen7b_train_iter0.json
+        c.run_name = "knowledge-study"
+        c.experiment = "study"
+        c.study = ml_collections.ConfigDict()
+        c.study.files = ""  # comma-separated `path` or `name=path` (name = source; default: stem)
+        c.study.max_contexts = 0  # first N passages of each file (0 = all)
+        c.study.max_edits_per_context = 0  # first N completions of each passage (0 = all)
+        c.study.reps = 3  # fine-tunes per self-edit (the reference's n_sequences)
+        c.study.style_field = "style"  # record field naming the prompt style (absent: "default")
     elif variant == "single_passage":
         c.run_name = "knowledge-table"
         c.experiment = "single_passage"

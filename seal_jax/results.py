@@ -48,6 +48,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` as plain JSON values (numpy scalars/arrays converted, non-finite floats -> None)."""
+    return json.loads(json.dumps(_jsonable(obj)))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write atomically (tmp file + rename) so an interrupted run never leaves half a file."""
     path = pathlib.Path(path)

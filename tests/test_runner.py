@@ -1,11 +1,12 @@
-"""The round driver end to end on a tiny world: selection, records, resume, bad self-edits."""
+"""The knowledge domain on the engine's round, end to end on a tiny world: the single-passage table as
+the round's evaluation, records, resume, bad self-edits, ungraded answers, CPT and continual."""
 import json
 
 import numpy as np
 import pytest
 
-from seal_jax.runner import EditOutcome, score_self_edits, select_best
-from seal_jax.tasks.base import CandidateFailure
+from seal_jax.estep import EditOutcome, score_self_edits
+from seal_jax.rest_em import select_best_of_k
 from seal_jax.tasks.knowledge import experiments
 from seal_jax.tasks.knowledge.data import Passage, Question
 
@@ -19,9 +20,9 @@ def _outcome(cid, i, reward, failure=None):
 def test_select_best_is_stable_skips_failures_and_can_require_improvement():
     outcomes = [_outcome("a", 0, 0.5), _outcome("a", 1, 0.5), _outcome("a", 2, 0.9, failure="empty"),
                 _outcome("b", 0, 0.2), _outcome("b", 1, 0.1), _outcome("c", 0, 0.0, failure="junk")]
-    chosen = select_best(outcomes, {"a": 0.6, "b": 0.0})
+    chosen = select_best_of_k(outcomes, {"a": 0.6, "b": 0.0})
     assert [(o.context_id, o.edit_index) for o in chosen] == [("a", 0), ("b", 0)]  # tie -> first
-    strict = select_best(outcomes, {"a": 0.6, "b": 0.0}, require_improvement=True)
+    strict = select_best_of_k(outcomes, {"a": 0.6, "b": 0.0}, require_improvement=True)
     assert [(o.context_id, o.edit_index) for o in strict] == [("b", 0)]
 
 
@@ -54,7 +55,7 @@ def test_rest_em_round_writes_table_records_and_checkpoint(finished_run):
     assert len(trained) == 2 and all(not r["failed"] and r["steps"] > 0 for r in trained)
     assert exp.checkpointer.latest_step() == 1
     saved = json.loads((exp.run_dir / "results.json").read_text())
-    assert saved["rounds"][0]["self_edits"] == 4
+    assert saved["rounds"][0]["self_edits"] == 4 and saved["rounds"][0]["ungraded_candidates"] == 0
     assert (exp.run_dir / "results.md").read_text().startswith("# Knowledge incorporation")
     sft = json.loads((exp.run_dir / "sft_round0.json").read_text())
     assert len(sft) == state["rounds"][0]["selected"] <= 2
@@ -77,7 +78,7 @@ def test_resume_continues_after_last_round_without_redoing_work(finished_run, tm
 
 def test_interrupted_scoring_resumes_from_records(tmp_path):
     exp = tiny_experiment(tmp_path)
-    passages = exp.train_passages
+    passages = exp.train_contexts
     items = [(p, i, f"{p.title} fact number {i}.") for p in passages for i in range(3)]
     exp.engine.settings = exp.engine.settings.__class__(**{**exp.engine.settings.__dict__,
                                                            "candidates_per_call": 2})
@@ -105,7 +106,7 @@ def test_interrupted_scoring_resumes_from_records(tmp_path):
 
 def test_bad_self_edits_and_passages_are_recorded_failures_and_the_round_goes_on(tmp_path):
     exp = tiny_experiment(tmp_path)
-    good = exp.train_passages[0]
+    good = exp.train_contexts[0]
     no_questions = Passage(title="Empty", context="A passage that nobody asks about.", questions=(),
                            id="no-q", issues=("no_questions",))
     items = [(good, 0, ""), (good, 1, "   \n\t "), (good, 2, "%%% ### !!!"),
@@ -140,7 +141,7 @@ def test_cpt_trains_one_adapter_on_all_passages_and_reports_pooled_accuracy(tmp_
     assert conditions == ["base", "passage_only", "self_edits"]
     # one adapter per condition, trained on the sequences of every passage at once
     assert calls[0] == (1, 2, 2)  # passage only: one sequence per passage
-    assert out["questions"] == sum(len(p.questions) for p in exp.eval_passages)
+    assert out["questions"] == sum(len(p.questions) for p in exp.eval_contexts)
     for row in out["rows"]:
         assert 0.0 <= row["pooled_accuracy"] <= 1.0
     assert (exp.run_dir / "results.md").exists()

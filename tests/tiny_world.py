@@ -15,10 +15,11 @@ from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import get_preset
 from seal_jax.model.tokenizer import Tokenizer
 from seal_jax.model.transformer import init_params
-from seal_jax.runner import Engine, EngineSettings
+from seal_jax.engine import Engine, EngineSettings
+from seal_jax.rest_em import round_config
 from seal_jax.tasks.knowledge.data import load_embedded_corpus
 from seal_jax.tasks.knowledge.domain import KnowledgeDomain, KnowledgeSettings
-from seal_jax.tasks.knowledge.experiments import Experiment
+from seal_jax.tasks.knowledge.experiments import KnowledgeExperiment
 from seal_jax.tasks.knowledge.graders import LexicalGrader
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def tiny_experiment(run_dir: pathlib.Path, config=None, *, n_train=2, n_eval=2) -> Experiment:
+def tiny_experiment(run_dir: pathlib.Path, config=None, *, n_train=2, n_eval=2) -> KnowledgeExperiment:
     c = config or tiny_config()
     cfg, params = tiny_model()
     tok = byte_tokenizer()
@@ -84,14 +85,14 @@ def tiny_experiment(run_dir: pathlib.Path, config=None, *, n_train=2, n_eval=2) 
     sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")), batch_size=2,
                             microbatches=1, epochs=1, length_buckets=(512, 1024, 2048))
 
-    def policy_sft(eng, examples):
-        eng.params, metrics = sft.sft_update(eng.params, examples, cfg=eng.cfg, sft_cfg=sft_cfg,
-                                             eos_id=tok.eos_id)
-        return metrics
+    def m_step(params, examples):
+        return sft.sft_update(params, examples, cfg=cfg, sft_cfg=sft_cfg, eos_id=tok.eos_id)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Experiment(config=c, engine=engine, domain=domain, train_passages=passages[:n_train],
-                      eval_passages=passages[n_train:n_train + n_eval], run_dir=run_dir,
-                      records=RecordLog(run_dir / "records.jsonl"),
-                      checkpointer=RunCheckpointer(run_dir / "checkpoints", max_to_keep=2),
-                      policy_sft=policy_sft)
+    return KnowledgeExperiment(
+        config=c, engine=engine, domain=domain, train_contexts=passages[:n_train],
+        eval_contexts=passages[n_train:n_train + n_eval], run_dir=run_dir,
+        records=RecordLog(run_dir / "records.jsonl"),
+        checkpointer=RunCheckpointer(run_dir / "checkpoints", max_to_keep=2),
+        round=round_config(c, contexts_per_round=int(c.rest_em.passages_per_round)), m_step=m_step,
+        progress=bool(c.progress))

@@ -6,7 +6,8 @@ plus the passage itself), loss on every token. Evaluation = greedy answers to "T
 with no passage in context, graded against the gold span; reward = fraction correct.
 
 Bad self-edits and passages without questions are recorded failures (reward 0, a reason), never
-exceptions: see `build_candidate`.
+exceptions: see `build_candidate`. Answers the grader could not judge are left out of the reward; a
+passage none of whose answers could be judged is ungraded (`Score.reward=None`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seal_jax.tasks.base import CandidateFailure, CandidateSpec, EvalJob, EvalRequest, Score
+from seal_jax.domain import CandidateFailure, CandidateSpec, EvalJob, EvalRequest, Score
 from seal_jax.tasks.knowledge import prompts
 from seal_jax.tasks.knowledge.data import Passage
 from seal_jax.tasks.knowledge.graders import GradeItem
@@ -115,7 +116,8 @@ class KnowledgeDomain:
             mine = verdicts[pos:pos + len(job.requests)]
             pos += len(job.requests)
             graded = [v.correct for v in mine if v.correct is not None]
-            reward = float(np.mean(graded)) if graded else 0.0
+            # No verdict at all is ungraded (None), never 0: the engine leaves it out and counts it.
+            reward = float(np.mean(graded)) if graded else (None if job.requests else 0.0)
             answers = [{"question": r.meta["question"], "gold": r.meta["gold"], "answer": text,
                         "correct": v.correct, "grader_raw": v.raw, "grader_error": v.error}
                        for r, text, v in zip(job.requests, job.texts, mine)]

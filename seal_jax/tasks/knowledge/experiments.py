@@ -1,119 +1,67 @@
-"""The paper's knowledge-incorporation settings, each one function over an `Experiment`.
+"""The paper's knowledge-incorporation settings, each one function over a `KnowledgeExperiment`.
 
-* `rest_em`: for each round, sample k self-edits per training passage with the current policy, reward
-  each by the adapted model's accuracy (mean over `reps` fine-tunes), keep the best per passage, SFT
-  the policy on (prompt, best edit) and merge; the single-passage table is computed before the first
-  round and after every round. Every round's policy is checkpointed with orbax, every candidate is
-  appended to `records.jsonl` as soon as it is scored, and sampled self-edits are saved before they are
-  scored, so `--config.resume=<run dir>` continues where an interrupted run stopped.
+* `rest_em`: the engine's round (`seal_jax.rest_em.run_rounds`) on the training passages, with the
+  single-passage table as the round's evaluation hook (before the first round and after every round)
+  and the knowledge report (`results.md`, reward-per-round plot).
 * `single_passage`: only the table (base, passage only, self-edits of the current model, self-edits
   from a file).
 * `cpt`: one adapter on the self-edits of many passages, pooled accuracy (reference §2.1).
 * `continual`: sequential self-edits merged one after another, and the forgetting matrix (§2.2).
+* `study`: every self-edit of a file (many per passage, any source) trained and evaluated with reps;
+  per-edit rewards in the records and a table per source / prompt style (`seal_jax.study`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import pathlib
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
 from seal_jax import results as R
-from seal_jax.checkpoints import RecordLog, RunCheckpointer
+from seal_jax import rest_em as round_lib
+from seal_jax.domain import CandidateSpec
+from seal_jax.engine import evaluate_contexts
+from seal_jax.estep import score_self_edits
+from seal_jax.experiment import Experiment
 from seal_jax.lora import merge_lora
-from seal_jax.runner import Engine, EditOutcome, evaluate_contexts, score_self_edits, select_best
-from seal_jax.sampling import SamplingParams
-from seal_jax.tasks.base import CandidateSpec
+from seal_jax.rest_em import baseline_scores, sample_self_edits
+from seal_jax.study import StudyEdit, run_study
+from seal_jax.tasks.knowledge import data as D
 from seal_jax.tasks.knowledge.data import Passage
-from seal_jax.tasks.knowledge.domain import KnowledgeDomain
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class Experiment:
-    """Everything a knowledge experiment needs, built once by `seal_jax.tasks.knowledge.setup`."""
+class KnowledgeExperiment(Experiment):
+    """An `Experiment` whose contexts are passages, plus self-edits read from a file."""
 
-    config: Any  # ml_collections.ConfigDict
-    engine: Engine
-    domain: KnowledgeDomain
-    train_passages: list[Passage]
-    eval_passages: list[Passage]
-    run_dir: pathlib.Path
-    records: RecordLog
-    checkpointer: RunCheckpointer
     file_self_edits: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    policy_sft: Any = None  # callable(engine, examples) -> metrics; updates engine.params
-
-    def done_records(self) -> dict[tuple, dict]:
-        """Records already written (resume): keyed like `score_self_edits` expects."""
-        return {(r["phase"], r["context_id"], r["edit_index"], r["rep"]): r
-                for r in self.records.read() if "edit_index" in r}
-
-    def progress(self) -> bool:
-        return bool(self.config.progress)
-
-
-# ------------------------------------------------------------------------------------------------
-# Self-edit sampling (saved before scoring, so a resumed run scores the same edits)
-
-
-def sample_self_edits(exp: Experiment, passages: Sequence[Passage], k: int, tag: str,
-                      seed: int) -> list[list[str]]:
-    path = exp.run_dir / f"self_edits_{tag}.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if [p.id for p in passages] == saved["passage_ids"] and saved["k"] == k:
-            return saved["self_edits"]
-    c = exp.config.self_edit
-    sampling = SamplingParams(temperature=float(c.temperature), top_p=float(c.top_p),
-                              max_new_tokens=int(c.max_new_tokens), seed=int(seed),
-                              stop_ids=tuple(exp.engine.tokenizer.stop_ids))
-    prompts = [exp.domain.self_edit_prompt(p) for p in passages for _ in range(k)]
-    log.info("sampling %d self-edits (%s)", len(prompts), tag)
-    texts = exp.engine.sample(prompts, sampling)
-    edits = [texts[i * k:(i + 1) * k] for i in range(len(passages))]
-    R.write_json(path, {"passage_ids": [p.id for p in passages], "k": k, "self_edits": edits,
-                        "prompts": [exp.domain.self_edit_prompt_text(p) for p in passages]})
-    return edits
-
-
-def baseline_scores(exp: Experiment, passages: Sequence[Passage], tag: str) -> dict[str, float]:
-    """No-adaptation accuracy per passage: computed once per passage and model version, cached."""
-    path = exp.run_dir / f"baseline_{tag}.json"
-    if path.exists():
-        return json.loads(path.read_text())["accuracy"]
-    scorable = [p for p in passages if p.has_questions]
-    scores = evaluate_contexts(exp.engine, exp.domain, scorable)
-    acc = {p.id: s.reward for p, s in zip(scorable, scores)}
-    R.write_json(path, {"accuracy": acc, "details": {p.id: s.details for p, s in zip(scorable, scores)}})
-    return acc
 
 
 # ------------------------------------------------------------------------------------------------
 # The single-passage table
 
 
-def table_condition(exp: Experiment, condition: str, label: str, seed: int) -> dict:
+def table_condition(exp: KnowledgeExperiment, condition: str, label: str, seed: int) -> dict:
     """One row of the table on the held-out passages: accuracy (mean over passages), CI, pooled."""
-    passages = exp.eval_passages
+    passages = exp.eval_contexts
     reps = int(exp.config.eval.reps)
     phase = f"table/{label}/{condition}"
     if condition == "base":
         base = baseline_scores(exp, passages, label)
-        per_passage = [base[p.id] for p in passages if p.id in base]
-        return _row(condition, label, per_passage, passages, failures=0)
+        scorable = [p for p in passages if p.has_questions]
+        return _row(condition, label, [base.get(p.id) for p in scorable], scorable, passages, failures=0)
     if condition == "passage_only":
         items = [(p, 0, "") for p in passages]
         outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
                                     done=exp.done_records(), on_record=exp.records.append,
                                     build=lambda ctx, _text: exp.domain.passage_only_candidate(ctx),
-                                    progress=exp.progress())
+                                    progress=exp.progress)
     elif condition in ("self_edits", "file"):
         if condition == "file":
             edits = [exp.file_self_edits.get(p.id, [""])[:1] for p in passages]
@@ -122,25 +70,27 @@ def table_condition(exp: Experiment, condition: str, label: str, seed: int) -> d
         items = [(p, 0, e[0]) for p, e in zip(passages, edits)]
         outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
                                     done=exp.done_records(), on_record=exp.records.append,
-                                    progress=exp.progress())
+                                    progress=exp.progress)
     else:
         raise ValueError(f"unknown table condition {condition!r}")
-    per_passage = [o.reward for o in outcomes]
     failures = sum(o.failure is not None for o in outcomes)
-    return _row(condition, label, per_passage, passages, failures)
+    return _row(condition, label, [o.reward for o in outcomes], passages, passages, failures)
 
 
-def _row(condition: str, label: str, per_passage: Sequence[float], passages: Sequence[Passage],
-         failures: int) -> dict:
-    mean, ci = R.mean_ci95(per_passage)
+def _row(condition: str, label: str, rewards: Sequence[Optional[float]], scored: Sequence[Passage],
+         passages: Sequence[Passage], failures: int) -> dict:
+    """rewards[i] is passage scored[i]'s accuracy, or None when it could not be graded (left out)."""
+    graded = [(r, len(p.questions)) for r, p in zip(rewards, scored) if r is not None]
+    mean, ci = R.mean_ci95([r for r, _ in graded])
     n_questions = [len(p.questions) for p in passages]
-    pooled = (float(np.dot(per_passage, n_questions[:len(per_passage)]) / max(1, sum(n_questions)))
-              if per_passage else float("nan"))
+    pooled = (float(np.dot(*zip(*graded)) / max(1, sum(n for _, n in graded)))
+              if graded else float("nan"))
     return {"model": label, "condition": condition, "accuracy": mean, "ci95": ci, "pooled": pooled,
-            "passages": len(passages), "questions": int(sum(n_questions)), "failed_candidates": failures}
+            "passages": len(passages), "questions": int(sum(n_questions)), "failed_candidates": failures,
+            "ungraded_passages": len(scored) - len(graded)}
 
 
-def single_passage_table(exp: Experiment, label: str, seed: int,
+def single_passage_table(exp: KnowledgeExperiment, label: str, seed: int,
                          conditions: Optional[Sequence[str]] = None) -> list[dict]:
     conditions = list(exp.config.table.conditions if conditions is None else conditions)
     if exp.file_self_edits and "file" not in conditions:
@@ -154,89 +104,43 @@ def single_passage_table(exp: Experiment, label: str, seed: int,
 
 
 # ------------------------------------------------------------------------------------------------
-# ReST-EM
+# ReST-EM: the engine's round with the single-passage table as its evaluation
 
 
-def rest_em(exp: Experiment) -> dict:
+def table_after_round(exp: KnowledgeExperiment, index: int) -> list[dict]:
+    """The round's evaluation hook: the full table before round 0, the SEAL rows after round index-1."""
     c = exp.config
-    ckpt = exp.checkpointer
-    state = {"round": 0, "table": [], "rounds": []}
-    latest = ckpt.latest_step()
-    if latest is not None:  # resume: restore the policy of the last completed round
-        params, meta = ckpt.restore(latest, target=exp.engine.params)
-        exp.engine.params = params
-        state = meta["state"]
-        log.info("resumed after round %d from %s", state["round"], ckpt.directory)
+    if index == 0:
+        return single_passage_table(exp, "base", c.seed)
+    return single_passage_table(exp, f"seal_round{index}", c.seed + 100 * index,
+                                conditions=c.table.round_conditions)
 
-    if not any(row["model"] == "base" for row in state["table"]):
-        state["table"] += single_passage_table(exp, "base", c.seed)
-        _write_rest_em_results(exp, state)
 
-    per_round = int(c.rest_em.passages_per_round)
-    for r in range(state["round"], int(c.rest_em.rounds)):
-        passages = _round_passages(exp.train_passages, r, per_round)
-        tag = f"round{r}"
-        baseline = baseline_scores(exp, passages, f"{tag}_train")
-        edits = sample_self_edits(exp, passages, int(c.self_edit.k), tag, seed=c.seed + 1000 * (r + 1))
-        items = [(p, i, e) for p, es in zip(passages, edits) for i, e in enumerate(es)]
-        outcomes = score_self_edits(exp.engine, exp.domain, items, reps=int(c.rest_em.reps),
-                                    seed=c.seed + r, phase=f"{tag}/score", done=exp.done_records(),
-                                    on_record=exp.records.append, progress=exp.progress())
-        chosen = select_best(outcomes, baseline, require_improvement=bool(c.rest_em.require_improvement))
-        by_id = {p.id: p for p in passages}
-        examples = [(*exp.domain.sft_example(by_id[o.context_id], o.self_edit), 1.0) for o in chosen]
-        R.write_json(exp.run_dir / f"sft_{tag}.json",
-                     [{"context_id": o.context_id, "edit_index": o.edit_index, "reward": o.reward,
-                       "baseline": baseline.get(o.context_id), "completion": o.self_edit}
-                      for o in chosen])
-        sft_metrics = exp.policy_sft(exp.engine, examples) if examples else {"skipped": "no examples"}
-        rewards = [o.reward for o in outcomes]
-        summary = {
-            "round": r, "passages": len(passages), "self_edits": len(outcomes),
-            "baseline_mean": float(np.mean(list(baseline.values()))) if baseline else float("nan"),
-            "reward_mean": float(np.mean(rewards)) if rewards else float("nan"),
-            "best_of_k_mean": float(np.mean([o.reward for o in chosen])) if chosen else float("nan"),
-            "failed_self_edits": sum(o.failure is not None for o in outcomes),
-            "selected": len(chosen), "sft": sft_metrics,
-        }
-        state["rounds"].append(summary)
-        state["table"] += single_passage_table(exp, f"seal_round{r + 1}", c.seed + 100 * (r + 1),
-                                               conditions=c.table.round_conditions)
-        state["round"] = r + 1
-        ckpt.save(r + 1, exp.engine.params, {"state": _json_safe(state)})
-        _write_rest_em_results(exp, state)
+def rest_em(exp: KnowledgeExperiment) -> dict:
+    return round_lib.run_rounds(exp, round_lib.RoundHooks(evaluate=table_after_round,
+                                                          write_results=write_table_results))
+
+
+def table_only(exp: KnowledgeExperiment) -> dict:
+    state = dict(round_lib.initial_state(), table=single_passage_table(exp, "model", exp.config.seed),
+                 evaluated_start=True)
+    write_table_results(exp, state)
     return state
 
 
-def _round_passages(passages: Sequence[Passage], r: int, n: int) -> list[Passage]:
-    """Fresh passages each round (the reference's round 2 uses 50 new passages); wraps if too few."""
-    if not passages:
-        raise ValueError("no training passages: raise data.n_train")
-    return [passages[(r * n + i) % len(passages)] for i in range(min(n, len(passages)))]
-
-
-def _json_safe(obj):
-    return json.loads(json.dumps(R._jsonable(obj)))
-
-
-def _write_rest_em_results(exp: Experiment, state: dict) -> None:
+def write_table_results(exp: KnowledgeExperiment, state: dict) -> None:
     R.write_json(exp.run_dir / "results.json", state)
     table = state["table"]
     md = [f"# Knowledge incorporation: {exp.config.run_name}", "",
           f"Model `{exp.config.model}`, grader `{exp.config.grader.kind}`, "
-          f"{len(exp.eval_passages)} held-out passages / "
-          f"{sum(len(p.questions) for p in exp.eval_passages)} questions; accuracy = mean over passages "
-          f"of per-passage accuracy (± 95% CI), pooled = over all questions.", "",
-          R.markdown_table(["model", "condition", "accuracy", "±95% CI", "pooled", "failed"],
+          f"{len(exp.eval_contexts)} held-out passages / "
+          f"{sum(len(p.questions) for p in exp.eval_contexts)} questions; accuracy = mean over passages "
+          f"of per-passage accuracy (± 95% CI), pooled = over all questions; ungraded passages (the "
+          f"grader could not judge) are left out and counted.", "",
+          R.markdown_table(["model", "condition", "accuracy", "±95% CI", "pooled", "failed", "ungraded"],
                            [[r["model"], r["condition"], r["accuracy"], r["ci95"], r["pooled"],
-                             r["failed_candidates"]] for r in table])]
-    if state["rounds"]:
-        md += ["", "## ReST-EM rounds (training passages)", "",
-               R.markdown_table(["round", "passages", "self-edits", "baseline", "mean reward",
-                                 "best-of-k", "failed", "selected"],
-                                [[s["round"], s["passages"], s["self_edits"], s["baseline_mean"],
-                                  s["reward_mean"], s["best_of_k_mean"], s["failed_self_edits"],
-                                  s["selected"]] for s in state["rounds"]])]
+                             r["failed_candidates"], r.get("ungraded_passages", 0)] for r in table])]
+    md += round_lib.rounds_markdown(state)
     (exp.run_dir / "results.md").write_text("\n".join(md) + "\n")
     labels = [r["model"] for r in table if r["condition"] == "self_edits"]
     if labels:
@@ -250,9 +154,9 @@ def _write_rest_em_results(exp: Experiment, state: dict) -> None:
 # CPT: one adapter over many passages
 
 
-def cpt(exp: Experiment) -> dict:
+def cpt(exp: KnowledgeExperiment) -> dict:
     c = exp.config
-    passages = [p for p in exp.eval_passages[:int(c.cpt.n_passages)] if p.has_questions]
+    passages = [p for p in exp.eval_contexts[:int(c.cpt.n_passages)] if p.has_questions]
     k = int(c.cpt.k_completions)
     if exp.file_self_edits:
         edits = [[e for e in exp.file_self_edits.get(p.id, []) if e.strip()][:k] for p in passages]
@@ -264,8 +168,8 @@ def cpt(exp: Experiment) -> dict:
     rows, details = [], {}
     baseline = baseline_scores(exp, passages, "cpt")
     n_q = sum(len(p.questions) for p in passages)
-    pooled_base = sum(baseline[p.id] * len(p.questions) for p in passages) / max(1, n_q)
-    rows.append({"condition": "base", "pooled_accuracy": pooled_base, "sequences": 0})
+    rows.append(dict(_pooled([baseline.get(p.id) for p in passages], passages), condition="base",
+                     sequences=0))
     for condition, per_passage_edits in (("passage_only", [[""] for _ in passages]),
                                          ("self_edits", edits)):
         sequences, masks, failures = [], [], 0
@@ -286,10 +190,9 @@ def cpt(exp: Experiment) -> dict:
             continue
         scores = evaluate_contexts(exp.engine, exp.domain, passages, lora=result.lora,
                                    adapter_index=[0] * len(passages))
-        correct = sum(s.reward * len(p.questions) for s, p in zip(scores, passages))
-        rows.append({"condition": condition, "pooled_accuracy": correct / max(1, n_q),
-                     "sequences": len(sequences), "failed_self_edits": failures,
-                     "steps": int(result.steps[0])})
+        rows.append(dict(_pooled([s.reward for s in scores], passages), condition=condition,
+                         sequences=len(sequences), failed_self_edits=failures,
+                         steps=int(result.steps[0])))
         details[condition] = {p.id: s.details for p, s in zip(passages, scores)}
     out = {"passages": len(passages), "questions": n_q, "rows": rows}
     R.write_json(exp.run_dir / "results.json", dict(out, details=details))
@@ -300,14 +203,22 @@ def cpt(exp: Experiment) -> dict:
     return out
 
 
+def _pooled(rewards: Sequence[Optional[float]], passages: Sequence[Passage]) -> dict:
+    """Accuracy over all questions of the graded passages (ungraded passages left out, counted)."""
+    graded = [(r, len(p.questions)) for r, p in zip(rewards, passages) if r is not None]
+    n_q = sum(n for _, n in graded)
+    return {"pooled_accuracy": sum(r * n for r, n in graded) / max(1, n_q) if graded else float("nan"),
+            "ungraded_passages": len(passages) - len(graded)}
+
+
 # ------------------------------------------------------------------------------------------------
 # Continual self-edits and the forgetting matrix
 
 
-def continual(exp: Experiment) -> dict:
+def continual(exp: KnowledgeExperiment) -> dict:
     c = exp.config
     n_seq, n_data = int(c.continual.n_sequences), int(c.continual.n_datapoints)
-    pool = [p for p in exp.eval_passages if p.has_questions]
+    pool = [p for p in exp.eval_contexts if p.has_questions]
     if len(pool) < n_data:
         raise ValueError(f"continual needs {n_data} passages with questions, have {len(pool)}")
     start_params = exp.engine.params
@@ -319,7 +230,7 @@ def continual(exp: Experiment) -> dict:
         exp.engine.params = start_params
         matrix = np.full((n_data + 1, n_data), np.nan)
         base = evaluate_contexts(exp.engine, exp.domain, seq)
-        matrix[0] = [sc.reward for sc in base]
+        matrix[0] = [_nan_if_ungraded(sc) for sc in base]
         for step, passage in enumerate(seq):
             edit = sample_self_edits(exp, [passage], 1, f"continual_s{s}_k{step}", seed=c.seed + step)[0][0]
             spec = exp.domain.build_candidate(passage, edit)
@@ -329,12 +240,12 @@ def continual(exp: Experiment) -> dict:
             if result.failed[0]:
                 exp.records.append({"phase": f"continual/s{s}/k{step}", "failed": True,
                                     "reason": result.failure_reason[0]})
-                matrix[step + 1, :step + 1] = [sc.reward for sc in
+                matrix[step + 1, :step + 1] = [_nan_if_ungraded(sc) for sc in
                                                evaluate_contexts(exp.engine, exp.domain, seq[:step + 1])]
                 continue
             scores = evaluate_contexts(exp.engine, exp.domain, seq[:step + 1], lora=result.lora,
                                        adapter_index=[0] * (step + 1))
-            matrix[step + 1, :step + 1] = [sc.reward for sc in scores]
+            matrix[step + 1, :step + 1] = [_nan_if_ungraded(sc) for sc in scores]
             exp.records.append({"phase": f"continual/s{s}/k{step}", "context_id": passage.id,
                                 "self_edit": edit,  # NaN (not yet edited) -> null
                                 "row": R._jsonable(matrix[step + 1])})
@@ -356,3 +267,58 @@ def continual(exp: Experiment) -> dict:
           "", R.markdown_table(["row"] + [f"d{i}" for i in range(n_data)], rows)]
     (exp.run_dir / "results.md").write_text("\n".join(md) + "\n")
     return out
+
+
+def _nan_if_ungraded(score) -> float:
+    return float("nan") if score.reward is None else score.reward
+
+
+# ------------------------------------------------------------------------------------------------
+# Edit-evaluation studies: every self-edit of one or more files, with reps
+
+
+def study(exp: KnowledgeExperiment) -> dict:
+    c = exp.config.study
+    edits = load_study_edits(str(c.files), max_contexts=int(c.max_contexts),
+                             max_edits=int(c.max_edits_per_context), style_field=str(c.style_field))
+    return run_study(exp, edits, reps=int(c.reps), seed=int(exp.config.seed))
+
+
+def load_study_edits(files: str, *, max_contexts: int = 0, max_edits: int = 0,
+                     style_field: str = "style") -> list[StudyEdit]:
+    """Self-edits from files of records {title, context, questions, completions[, style]}.
+
+    `files`: comma-separated `path` or `name=path` (the source name; default: the file's stem). The
+    passages come from the records themselves; `max_contexts` / `max_edits` (0 = all) keep the first
+    passages of each file / the first completions of each record.
+    """
+    from seal_jax.config import ConfigError
+
+    specs = [f.strip() for f in files.split(",") if f.strip()]
+    if not specs:
+        raise ConfigError("study.files is empty: give one or more self-edit files, e.g. "
+                          "--config.study.files=qwen7b=../shared/data/squad/self_edits_qwen7b_train_iter0.json")
+    edits = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        path = pathlib.Path(path)
+        source = name or path.stem
+        if not path.exists():
+            raise ConfigError(f"study.files: file not found: {path}")
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"study.files: {path} is not a UTF-8 JSON file ({e})") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"study.files: {path}: expected a JSON list of records")
+        if max_contexts:
+            records = records[:max_contexts]
+        passages = D.passages_from_records(records, source=str(path))
+        for i, (rec, passage) in enumerate(zip(records, passages)):
+            completions = rec.get("completions")
+            if not isinstance(completions, list) or not all(isinstance(x, str) for x in completions):
+                raise ConfigError(f"study.files: {path} record {i} has no list of string 'completions'")
+            style = rec.get(style_field, "default")
+            for text in completions[:max_edits or None]:
+                edits.append(StudyEdit(context=passage, self_edit=text, source=source, style=str(style)))
+    return edits

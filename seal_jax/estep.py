@@ -1,0 +1,169 @@
+"""The E-step for any domain: the reward of each (context, self-edit) pair, candidates batched K at a time.
+
+`score_self_edits` expands (context, edit_index, self-edit) items into candidates (x reps, each with its
+own seed, independent of batching and of resume order), trains them `candidates_per_call` at a time in
+one vmapped program, asks every adapted model its context's questions in one batched generate call, and
+has the domain grade all answers at once. Every finished candidate is appended to the run's record log
+immediately, so an interrupted run resumes without redoing finished work.
+
+A candidate ends in one of four states, all recorded:
+* scored: `failed=False`, a float `reward`;
+* ungraded: `failed=False`, `reward=None`, `ungraded=True` (the grader could not judge);
+* failed to build (`CandidateFailure`) or to train (non-finite loss): `failed=True`, reward 0 and a
+  reason. Failures count as reward 0 in their edit's mean (the reference's convention); ungraded reps
+  are left out of it, and an edit with only ungraded reps has `reward=None`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import re
+import zlib
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from seal_jax.domain import CandidateFailure, Domain, Score
+from seal_jax.engine import Engine, evaluate_contexts
+
+
+@dataclasses.dataclass
+class EditOutcome:
+    """Everything about one self-edit of one context, over its reps."""
+
+    context_id: str
+    edit_index: int
+    self_edit: str
+    reward: Optional[float]  # mean over graded reps (failures count 0); None = no rep was graded
+    rep_rewards: list[float]  # graded reps only
+    failure: Optional[str] = None  # set when every rep failed
+    records: list[dict] = dataclasses.field(default_factory=list)
+    ungraded: int = 0  # reps whose grading failed
+
+    @property
+    def selectable(self) -> bool:
+        return self.failure is None and self.reward is not None
+
+
+def done_records(records: Sequence[dict]) -> dict[tuple, dict]:
+    """Already written candidate records (resume), keyed like `score_self_edits` expects."""
+    return {(r["phase"], r["context_id"], r["edit_index"], r["rep"]): r for r in records
+            if "edit_index" in r}
+
+
+def _loss_summary(losses: np.ndarray) -> dict:
+    finite = losses[np.isfinite(losses)]
+    return {
+        "first_loss": float(finite[0]) if finite.size else None,
+        "last_loss": float(finite[-1]) if finite.size else None,
+        "losses": [None if not math.isfinite(x) else round(float(x), 5) for x in losses if not np.isnan(x)],
+    }
+
+
+def _score_fields(score: Score) -> dict:
+    if score.reward is None:
+        return dict(failed=False, reward=None, ungraded=True, **score.details)
+    return dict(failed=False, reward=float(score.reward), **score.details)
+
+
+def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, int, str]], *,
+                     reps: int, seed: int, phase: str,
+                     done: Optional[dict[tuple, dict]] = None,
+                     on_record: Optional[Callable[[dict], None]] = None,
+                     build: Optional[Callable[[Any, str], Any]] = None,
+                     progress: bool = True,
+                     adapter_root: Optional[pathlib.Path] = None) -> list[EditOutcome]:
+    """Reward of each (context, edit_index, self_edit) = mean adapted score over `reps`.
+
+    `done` maps (phase, context_id, edit_index, rep) -> an already written record (resume): those
+    candidates are not trained again. `on_record` receives each new record as soon as it exists.
+    `build(context, text)` replaces `domain.build_candidate` (e.g. the passage-only baseline).
+    `adapter_root`: also write each trained candidate's adapter there as a PEFT directory
+    (`adapter_path`), so chosen adapters can be exported after the run.
+    """
+    build = build or domain.build_candidate
+    done = done or {}
+    outcomes: list[EditOutcome] = []
+    pending = []  # (outcome, context, spec, rep, seed, base record)
+    for ctx, edit_index, text in items:
+        cid = domain.context_id(ctx)
+        outcome = EditOutcome(cid, edit_index, text, 0.0, [])
+        outcomes.append(outcome)
+        spec = build(ctx, text)
+        for rep in range(reps):
+            key = (phase, cid, edit_index, rep)
+            if key in done:
+                outcome.records.append(done[key])
+                continue
+            base_record = {"phase": phase, "context_id": cid, "edit_index": edit_index, "rep": rep,
+                           "self_edit": text}
+            if isinstance(spec, CandidateFailure):
+                record = dict(base_record, failed=True, reason=spec.reason, reward=0.0, **spec.info)
+                outcome.records.append(record)
+                if on_record:
+                    on_record(record)
+                continue
+            pending.append((outcome, ctx, spec, rep, candidate_seed(seed, cid, edit_index, rep),
+                            base_record))
+
+    k = engine.settings.candidates_per_call
+    bar = tqdm(total=len(pending), desc=f"{phase}: train+eval", disable=not progress or not pending)
+    for start in range(0, len(pending), k):
+        chunk = pending[start:start + k]
+        result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+        ok = [i for i in range(len(chunk)) if not result.failed[i]]
+        scores: dict[int, Score] = {}
+        if ok:
+            ok_scores = evaluate_contexts(engine, domain, [chunk[i][1] for i in ok], lora=result.lora,
+                                          adapter_index=ok)
+            scores = dict(zip(ok, ok_scores))
+        for i, (outcome, ctx, spec, rep, cand_seed, base_record) in enumerate(chunk):
+            if adapter_root is not None and not result.failed[i]:
+                from seal_jax.peft_io import save_peft_candidate
+
+                save_peft_candidate(adapter_path(adapter_root, phase, outcome.context_id,
+                                                 outcome.edit_index, rep),
+                                    result.lora, i, engine.cfg, engine.settings.lora)
+            record = dict(base_record, seed=cand_seed, steps=int(result.steps[i]),
+                          **_loss_summary(np.asarray(result.losses[i])), **spec.info)
+            if i in scores:
+                record.update(_score_fields(scores[i]))
+            else:
+                record.update(failed=True, reward=0.0,
+                              reason=result.failure_reason[i] or "training failed")
+            outcome.records.append(record)
+            if on_record:
+                on_record(record)
+        bar.update(len(chunk))
+    bar.close()
+
+    for outcome in outcomes:
+        summarize(outcome)
+    return outcomes
+
+
+def summarize(outcome: EditOutcome) -> EditOutcome:
+    """Fill reward / rep_rewards / failure / ungraded from the outcome's records."""
+    outcome.records.sort(key=lambda r: r["rep"])
+    graded = [r for r in outcome.records if r.get("reward") is not None]
+    outcome.ungraded = len(outcome.records) - len(graded)
+    outcome.rep_rewards = [float(r["reward"]) for r in graded]
+    outcome.reward = float(np.mean(outcome.rep_rewards)) if outcome.rep_rewards else None
+    failures = [r.get("reason") for r in outcome.records if r.get("failed")]
+    outcome.failure = failures[0] if failures and len(failures) == len(outcome.records) else None
+    return outcome
+
+
+def candidate_seed(seed: int, context_id: str, edit_index: int, rep: int) -> int:
+    """Deterministic per-candidate seed (independent of batching and of resume order)."""
+    return zlib.crc32(f"{seed}/{context_id}/{edit_index}/{rep}".encode()) & 0x7FFFFFFF
+
+
+def adapter_path(root: pathlib.Path, phase: str, context_id: str, edit_index: int, rep: int) -> pathlib.Path:
+    """Where `score_self_edits` writes a candidate's PEFT adapter (ids made safe as file names)."""
+    def safe(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+    return pathlib.Path(root) / safe(phase) / safe(context_id) / f"edit{edit_index}_rep{rep}"

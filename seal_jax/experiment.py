@@ -1,0 +1,122 @@
+"""The generic half of building a SEAL run from a config: run directory, engine, M-step.
+
+A domain's setup (e.g. `seal_jax/tasks/knowledge/setup.py`) validates its own fields, loads its
+contexts and builds its domain object; everything else comes from here, so every domain reads the
+same config fields the same way:
+
+    model, tokenizer, param_dtype, compute_dtype    the policy (`seal_jax.model.loading.load_model`)
+    mesh.{axes, logical_axis_rules, num_processes, ...}   devices and sharding rules
+    lora, inner, candidates_per_call, eval.batch_size      the engine (`seal_jax.engine`)
+    rest_em.sft.{rank, alpha, targets, ...}                the M-step (`seal_jax.sft`)
+    run_root, run_name, resume, progress, seed             the run directory
+
+`Experiment` is what the round (`seal_jax.rest_em`) and a domain's experiments run on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable
+
+from seal_jax import inner, results as R, sharding, sft
+from seal_jax.checkpoints import RecordLog, RunCheckpointer
+from seal_jax.config import ConfigError, config_to_json, to_dataclass
+from seal_jax.domain import Domain
+from seal_jax.engine import Engine, EngineSettings
+from seal_jax.estep import done_records
+from seal_jax.model.config import LoraConfig
+from seal_jax.rest_em import RoundConfig
+
+log = logging.getLogger(__name__)
+
+MStep = Callable[[Any, list], tuple[Any, dict]]  # (params, [(prompt, completion, weight)]) -> (params, metrics)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built once from the config."""
+
+    config: Any  # ml_collections.ConfigDict
+    engine: Engine
+    domain: Domain
+    train_contexts: list
+    eval_contexts: list
+    run_dir: pathlib.Path
+    records: RecordLog
+    checkpointer: RunCheckpointer
+    round: RoundConfig
+    m_step: MStep
+    progress: bool = True
+
+    def done_records(self) -> dict[tuple, dict]:
+        """Candidate records already written (resume), keyed like `estep.score_self_edits` expects."""
+        return done_records(self.records.read())
+
+
+def open_run_dir(c) -> pathlib.Path:
+    """A fresh run directory with the resolved config, or the one `c.resume` names.
+
+    The one place that creates or reopens a run directory (run marking and resume checks go here).
+    """
+    if c.resume:
+        run_dir = pathlib.Path(c.resume)
+        if not (run_dir / "config.json").exists():
+            raise ConfigError(f"resume: {run_dir} is not a seal_jax run directory (no config.json)")
+    else:
+        run_dir = R.new_run_dir(c.run_root, c.run_name)
+        (run_dir / "config.json").write_text(config_to_json(c))
+    log.info("run directory: %s", run_dir)
+    return run_dir
+
+
+def run_files(run_dir: pathlib.Path, max_to_keep: int = 2) -> tuple[RecordLog, RunCheckpointer]:
+    return RecordLog(run_dir / "records.jsonl"), RunCheckpointer(run_dir / "checkpoints",
+                                                                 max_to_keep=max_to_keep)
+
+
+def initialize_distributed(c) -> None:
+    """Multi-host: must run before anything touches the devices."""
+    sharding.maybe_initialize_distributed({
+        "num_processes": int(c.mesh.num_processes),
+        "coordinator_address": c.mesh.coordinator_address or None,
+        "process_id": int(c.mesh.process_id) if int(c.mesh.process_id) >= 0 else None})
+
+
+def sft_config(c) -> sft.SFTConfig:
+    section = c.rest_em.sft.to_dict()
+    sft_lora = to_dataclass(LoraConfig, {k: section.pop(k) for k in ("rank", "alpha", "targets")},
+                            "rest_em.sft")
+    return to_dataclass(sft.SFTConfig, section, "rest_em.sft", lora=sft_lora)
+
+
+def engine_configs(c) -> tuple[LoraConfig, inner.InnerConfig]:
+    """The candidates' LoRA and inner-loop settings (parsed before any run directory exists)."""
+    return to_dataclass(LoraConfig, c.lora, "lora"), to_dataclass(inner.InnerConfig, c.inner, "inner")
+
+
+def build_engine(c) -> Engine:
+    """Load the policy, build the mesh and place the base params on it."""
+    from seal_jax.model.loading import load_model
+
+    lora_cfg, inner_cfg = engine_configs(c)
+    cfg, params, tokenizer = load_model(c.model, tokenizer=c.tokenizer or None,
+                                        param_dtype=c.param_dtype or None, seed=int(c.seed))
+    if c.compute_dtype:
+        cfg = cfg.replace(compute_dtype=c.compute_dtype)
+    if tokenizer is None:
+        raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer=<HF dir with tokenizer.json>")
+    settings = EngineSettings(lora=lora_cfg, inner=inner_cfg, candidates_per_call=int(c.candidates_per_call),
+                              eval_batch_size=int(c.eval.batch_size), mesh=sharding.make_mesh(c.mesh),
+                              rules=sharding.rules_from_config(c.mesh))
+    return Engine(cfg, params, tokenizer, settings)
+
+
+def make_m_step(engine: Engine, sft_cfg: sft.SFTConfig) -> MStep:
+    """The ReST-EM M-step on the engine's model, mesh and tokenizer: returns new params."""
+
+    def m_step(params, examples):
+        return sft.sft_update(params, examples, cfg=engine.cfg, sft_cfg=sft_cfg, eos_id=engine.eos_id,
+                              pad_id=engine.pad_id, mesh=engine.settings.mesh, rules=engine.settings.rules)
+
+    return m_step

@@ -1,0 +1,192 @@
+"""The engine's round (seal_jax.rest_em) on a toy domain that is not knowledge: two rounds with each
+selection policy, resume after an interruption, ungraded results, and the Engine's K handling."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from seal_jax import rest_em
+from seal_jax.domain import CandidateSpec
+from seal_jax.estep import EditOutcome
+
+from tolerances import assert_close_scaled
+from toy_domain import WORDS, toy_engine, toy_experiment
+
+
+def _outcome(cid, i, reward, failure=None, ungraded=0):
+    return EditOutcome(cid, i, f"edit{i}", reward, [] if reward is None else [reward], failure,
+                       ungraded=ungraded)
+
+
+def test_selection_policies_skip_failed_and_ungraded_edits():
+    outcomes = [_outcome("a", 0, 0.5), _outcome("a", 1, None, ungraded=1), _outcome("a", 2, 0.5),
+                _outcome("b", 0, 1.0, failure="empty"), _outcome("b", 1, 0.75), _outcome("c", 0, None, ungraded=1)]
+    best = rest_em.select(outcomes, {"a": 0.5}, rest_em.RoundConfig(selection="best_of_k"))
+    assert [(o.context_id, o.edit_index) for o in best] == [("a", 0), ("b", 1)]  # tie -> first sampled
+    strict = rest_em.select(outcomes, {"a": 0.5}, rest_em.RoundConfig(require_improvement=True))
+    assert [(o.context_id, o.edit_index) for o in strict] == [("b", 1)]  # a does not beat its baseline
+    every = rest_em.select(outcomes, {}, rest_em.RoundConfig(selection="all_successful",
+                                                             success_threshold=0.5))
+    assert [(o.context_id, o.edit_index) for o in every] == [("a", 0), ("a", 2), ("b", 1)]
+    with pytest.raises(ValueError, match="selection"):
+        rest_em.RoundConfig(selection="top_p")
+
+
+def _scored(exp):
+    return {(r["phase"], r["context_id"], r["edit_index"], r["rep"]): r for r in exp.records.read()}
+
+
+def _check_selection(exp, state, rnd):
+    """The sft file of round `rnd` is exactly what the policy picks from that round's records."""
+    records = [r for r in exp.records.read() if r["phase"] == f"round{rnd}/score"]
+    chosen = json.loads((exp.run_dir / f"sft_round{rnd}.json").read_text())
+    picked = {(c["context_id"], c["edit_index"]) for c in chosen}
+    ok = [r for r in records if not r["failed"] and r["reward"] is not None]
+    if exp.round.selection == "all_successful":
+        want = {(r["context_id"], r["edit_index"]) for r in ok if r["reward"] >= exp.round.success_threshold}
+    else:
+        want = set()
+        for cid in {r["context_id"] for r in ok}:
+            mine = sorted((r for r in ok if r["context_id"] == cid), key=lambda r: r["edit_index"])
+            top = max(r["reward"] for r in mine)
+            want.add((cid, next(r["edit_index"] for r in mine if r["reward"] == top)))
+    assert picked == want
+    assert state["rounds"][rnd]["selected"] == len(chosen)
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def best_of_k_run(tmp_path_factory):
+    exp = toy_experiment(tmp_path_factory.mktemp("best"), rounds=2)
+    start = exp.engine.params
+    state = rest_em.run_rounds(exp)
+    return exp, state, start
+
+
+@pytest.mark.slow
+def test_two_rounds_best_of_k_train_select_and_update_the_policy(best_of_k_run):
+    exp, state, start = best_of_k_run
+    assert state["round"] == 2 and [s["round"] for s in state["rounds"]] == [0, 1]
+    scored = [r for r in exp.records.read() if r["phase"].endswith("/score")]
+    assert len(scored) == 2 * 2 * 2  # rounds x contexts x k (reps=1)
+    assert {r["context_id"] for r in scored if r["phase"] == "round1/score"} == {WORDS[2], WORDS[0]}
+    for r in scored:
+        assert r["failed"] or (r["steps"] > 0 and 0.0 <= r["reward"] <= 1.0)
+    chosen = [_check_selection(exp, state, rnd) for rnd in (0, 1)]
+    assert exp.checkpointer.all_steps() == [1, 2]
+    saved = json.loads((exp.run_dir / "results.json").read_text())
+    assert saved["round"] == 2 and saved["rounds"][1]["selection"] == "best_of_k"
+    # The M-step's new params are the policy (and what was checkpointed).
+    if any(chosen):
+        diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()),
+                            exp.engine.params, start)
+        assert max(jax.tree.leaves(diff)) > 0
+    restored, _ = exp.checkpointer.restore(2, target=exp.engine.params)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(exp.engine.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_interrupted_round_resumes_to_the_same_results(best_of_k_run, tmp_path):
+    reference, _, _ = best_of_k_run
+    first = toy_experiment(tmp_path, rounds=1)
+    rest_em.run_rounds(first)
+    first.checkpointer.close()
+
+    resumed = toy_experiment(tmp_path, rounds=2)
+    original, calls = resumed.engine.train, []
+
+    def dies_in_round_1(specs, seeds, **kw):
+        calls.append(len(specs))
+        raise KeyboardInterrupt  # the machine dies at round 1's first training call
+
+    resumed.engine.train = dies_in_round_1
+    with pytest.raises(KeyboardInterrupt):
+        rest_em.run_rounds(resumed)
+    assert len(calls) == 1 and (tmp_path / "self_edits_round1.json").exists()
+    resumed.engine.train = original
+    state = rest_em.run_rounds(resumed)
+
+    assert state["round"] == 2
+    want = json.loads((reference.run_dir / "results.json").read_text())
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert got == want
+    ref_records, new_records = _scored(reference), _scored(resumed)
+    assert new_records.keys() == ref_records.keys()
+    assert len(resumed.records.read()) == len(new_records)  # no candidate scored twice
+    for key, rec in ref_records.items():
+        assert new_records[key]["self_edit"] == rec["self_edit"]
+        assert new_records[key]["reward"] == rec["reward"]
+
+
+@pytest.mark.slow
+def test_all_successful_keeps_every_edit_above_threshold_and_skips_ungraded(tmp_path):
+    exp = toy_experiment(tmp_path, rounds=2, selection="all_successful", success_threshold=0.5,
+                         ungraded=(WORDS[2],))
+    state = rest_em.run_rounds(exp)
+    assert state["round"] == 2
+    for rnd in (0, 1):
+        chosen = _check_selection(exp, state, rnd)
+        assert WORDS[2] not in {c["context_id"] for c in chosen}
+        assert all(c["reward"] >= 0.5 for c in chosen)
+    stone = [r for r in exp.records.read() if r["context_id"] == WORDS[2]]
+    trained = [r for r in stone if not r["failed"]]
+    assert all(r["reward"] is None and r["ungraded"] for r in trained)
+    assert state["rounds"][1]["ungraded_candidates"] == len(trained)
+    assert state["rounds"][0]["ungraded_candidates"] == 0
+
+
+def test_a_round_whose_grading_fails_wholesale_stops_before_the_m_step(tmp_path):
+    exp = toy_experiment(tmp_path, rounds=1, ungraded=WORDS)
+    calls = []
+    exp.m_step = lambda params, examples: calls.append(examples) or (params, {})
+    with pytest.raises(rest_em.RoundError, match="grading failed for all .* offline"):
+        rest_em.run_rounds(exp)
+    assert not calls and exp.checkpointer.latest_step() is None
+
+
+@pytest.mark.slow
+def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
+    engine = toy_engine(candidates_per_call=4)
+    assert engine.settings.inner.candidate_buckets == (1, 2, 4)
+    tok = engine.tokenizer
+    specs = []
+    for text in ("apple: red fruit", "river: flows to the sea, always downhill", "stone: grey"):
+        ids = np.asarray(tok.encode(text), np.int32)
+        specs.append(CandidateSpec([ids], [np.ones(len(ids), np.float32)]))
+    batched = engine.train(specs, [1, 2, 3])  # K=3, padded to 4 inside inner and cut back
+    assert batched.losses.shape[0] == 3 and len(batched.failure_reason) == 3
+    for k, (spec, seed) in enumerate(zip(specs, [1, 2, 3])):
+        alone = engine.train([spec], [seed])
+        assert_close_scaled(batched.losses[k], alone.losses[0], eps_multiple=64, what=f"losses {k}")
+        for a, b in zip(jax.tree.leaves(batched.lora), jax.tree.leaves(alone.lora)):
+            assert_close_scaled(np.asarray(a[k]), np.asarray(b[0]), eps_multiple=64, what=f"lora {k}")
+
+
+@pytest.mark.slow
+def test_engine_places_base_params_on_the_mesh_by_the_rules():
+    code = textwrap.dedent("""
+        import jax
+        from seal_jax import inner, sharding
+        from seal_jax.engine import Engine, EngineSettings
+        from seal_jax.model.config import LoraConfig
+        from seal_jax.model.presets import get_preset
+        from seal_jax.model.transformer import init_params
+        cfg = get_preset("tiny-llama")
+        mesh = sharding.make_mesh({"axes": {"candidate": 2, "fsdp": 2, "tensor": 2}})
+        settings = EngineSettings(lora=LoraConfig(rank=2, alpha=4.0), inner=inner.InnerConfig(), mesh=mesh)
+        engine = Engine(cfg, init_params(cfg, jax.random.key(0)), None, settings)
+        print(tuple(engine.params["embed"]["embedding"].sharding.spec))
+        print(tuple(engine.params["layers"]["mlp"]["up"]["kernel"].sharding.spec))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    embed, up = out.stdout.strip().splitlines()[-2:]
+    assert embed == "('tensor', 'fsdp')"  # vocab -> tensor, embed -> fsdp
+    assert up == "(None, 'fsdp', 'tensor')"  # layers replicated, embed -> fsdp, mlp -> tensor
