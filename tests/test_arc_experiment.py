@@ -1,17 +1,16 @@
 """The ARC experiment end to end on a tiny random model: table rows, records, ReST-EM plumbing."""
 import json
 
-import jax
 import pytest
 
 from arc_helpers import ByteTokenizer
-from seal_jax import inner, sft
-from seal_jax.checkpoints import RecordLog
+from seal_jax import inner, rest_em, sft
+from seal_jax.checkpoints import RecordLog, RunCheckpointer
 from seal_jax.config import load_config
-from seal_jax.model import transformer
+from seal_jax.engine import EngineSettings
+from seal_jax.experiment import make_m_step
 from seal_jax.model.config import LoraConfig
-from seal_jax.model.presets import get_preset
-from seal_jax.runner import EngineSettings
+from tiny_world import byte_tokenizer, tiny_model
 from seal_jax.tasks.arc import dataset as D, evaluate as E, experiment as X, selfedit as S, synthetic
 from seal_jax.tasks.arc.domain import ArcDomain, ArcSettings
 from seal_jax.tasks.base import Score
@@ -33,9 +32,8 @@ def test_wilson_interval():
 
 @pytest.mark.slow
 def test_run_end_to_end_tiny(tmp_path, monkeypatch):
-    tok = ByteTokenizer()
-    cfg = get_preset("tiny-llama").replace(vocab_size=260)
-    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    tok = byte_tokenizer()
+    cfg, params = tiny_model()
     icfg = inner.InnerConfig(batch_size=2, schedule="cosine", steps_per_chunk=4,
                              length_buckets=(400,), candidate_buckets=(4,))
     engine = X.ArcEngine(cfg, params, tok, EngineSettings(
@@ -46,7 +44,7 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
     c = load_config("configs/arc.py:demo")
     with c.unlocked():
         c.progress = False
-        c.self_edit.k_train = 2
+        c.self_edit.k = 2
         c.self_edit.k_eval = 2
         c.oracle_configs = []
         c.plots = 1
@@ -54,11 +52,15 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
     tasks = [synthetic.make_task("flip_lr", i, num_demos=3, max_side=2) for i in range(2)]
     sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=4.0, targets=("q", "v")), epochs=1,
                             batch_size=2, microbatches=1, length_buckets=(2048,))
-    exp = X.ArcExperiment(c, engine, ArcDomain(tok, settings), tasks, tasks[:1], tmp_path,
-                          RecordLog(tmp_path / "records.jsonl"), sft_cfg)
+    exp = X.ArcExperiment(
+        config=c, engine=engine, domain=ArcDomain(tok, settings), train_contexts=tasks,
+        eval_contexts=tasks[:1], run_dir=tmp_path, records=RecordLog(tmp_path / "records.jsonl"),
+        checkpointer=RunCheckpointer(tmp_path / "checkpoints"),
+        round=rest_em.round_config(c, contexts_per_round=2), m_step=make_m_step(engine, sft_cfg),
+        progress=False)
 
-    # The random model writes garbage: make the policy reply one valid config and one invalid reply,
-    # and reward configs with basic augmentations on, to exercise selection and the SFT step.
+    # The random model writes garbage: make the policy reply one valid config and one invalid reply
+    # per task, and reward every config on task 0, to exercise selection and the M-step.
     good = S.SelfEditConfig(True, False, False, False, "train_using_output_tokens", 1e-3, 1).text()
     monkeypatch.setattr(engine, "sample", lambda prompts, sampling: [
         good if i % 2 == 0 else "not json" for i in range(len(prompts))])
@@ -71,22 +73,23 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
 
     monkeypatch.setattr(exp.domain, "score", score)
     params_before = engine.params
-    result = X.run(exp)
+    state = X.run(exp)
+    result = json.loads((tmp_path / "results.json").read_text())
     methods = [r["method"] for r in result["table"]]
-    assert methods[:3] == ["no TTT (in-context)", "TTT, fixed config",
-                           "oracle (best config per task, hindsight)"]
-    assert methods[3:] == ["SEAL round 0 (base policy)", "SEAL round 1"]
+    assert methods == ["no TTT (in-context)", "TTT, fixed config",
+                       "oracle (best config per task, hindsight)", "SEAL round 0 (base policy)",
+                       "SEAL round 1"]
     seal1 = result["table"][4]
-    assert seal1["pairs"] == 2 and seal1["invalid_self_edits"] == 1
-    [round1] = result["rest_em"]
-    assert round1["positives"] == 1 and round1["invalid"] == 2  # task 0 rewarded, task 1 not
+    assert seal1["pairs"] == 2 and seal1["invalid_self_edits"] == 1 and seal1["solved_pairs"] == 1
+    [round0] = state["rounds"]
+    assert round0["selected"] == 1 and round0["failed_self_edits"] == 2  # task 0's valid edit
     assert engine.params is not params_before  # the policy was fine-tuned and merged
-    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    records = exp.records.read()
     invalid = [r for r in records if r.get("parse_error")]
-    assert len(invalid) == 2 + 1 + 1  # train round 1: 2 tasks x 1; eval rounds 0 and 1: 1 each
+    assert len(invalid) == 2 + 1 + 1  # train round 0: 2 tasks x 1; eval index 0 and 1: 1 each
     assert all(r["failed"] and r["reward"] == 0 and "invalid self-edit: not_json" in r["reason"]
                for r in invalid)
-    attempts = json.loads((tmp_path / "self_edits_train_round1.json").read_text())["attempts"]
+    attempts = json.loads((tmp_path / "self_edits_round0.json").read_text())["attempts"]
     assert sum(not a["valid"] for a in attempts) == 2
     assert (tmp_path / "results.md").read_text().count("SEAL round") == 2
     assert (tmp_path / f"task_{tasks[0].id}.png").exists()
