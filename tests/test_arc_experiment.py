@@ -46,7 +46,8 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
         c.progress = False
         c.self_edit.k = 2
         c.self_edit.k_eval = 2
-        c.oracle_configs = []
+        c.oracle_configs = [dict(basic=False, size=False, chain=False, repeat=False,
+                                 strategy="train_using_all_tokens", learning_rate=1e-4, epochs=1)]
         c.plots = 1
         c.self_edit.max_resamples = 0  # resampling is tested on its own below
     tasks = [synthetic.make_task("flip_lr", i, num_demos=3, max_side=2) for i in range(2)]
@@ -76,10 +77,13 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
     state = X.run(exp)
     result = json.loads((tmp_path / "results.json").read_text())
     methods = [r["method"] for r in result["table"]]
-    assert methods == ["no TTT (in-context)", "TTT, fixed config",
-                       "oracle (best config per task, hindsight)", "SEAL round 0 (base policy)",
-                       "SEAL round 1"]
-    seal1 = result["table"][4]
+    assert methods[0] == "no TTT (in-context)" and methods[1].startswith("TTT, fixed config (")
+    assert methods[2] == "TTT, config 0 (no aug, all loss, lr 0.0001, 1 ep)"
+    assert methods[3:] == ["oracle (best config per task, hindsight)", "SEAL round 0 (base policy)",
+                           "SEAL round 1"]
+    oracle = result["table"][3]
+    assert oracle["configs_per_task"] == [1 + 1 + 2 + 2]  # fixed, grid, 2 SEAL rows of 2 edits
+    seal1 = result["table"][5]
     assert seal1["pairs"] == 2 and seal1["invalid_self_edits"] == 1 and seal1["solved_pairs"] == 1
     [round0] = state["rounds"]
     assert round0["selected"] == 1 and round0["failed_self_edits"] == 2  # task 0's valid edit

@@ -284,12 +284,16 @@ def evaluate_table(exp, index: int) -> list[dict]:
                               len(tasks)))
         fixed = S.SelfEditConfig(**c.fixed_config.to_dict())
         outcomes = score_items(exp, [(t, 0, fixed.text()) for t in tasks], "fixed")
-        rows.append(summarise("TTT, fixed config", _by_task(outcomes), len(tasks),
-                              config=fixed.to_json()))
+        rows.append(summarise(f"TTT, fixed config ({_describe(fixed)})", _by_task(outcomes),
+                              len(tasks), config=fixed.to_json()))
         grid = [S.SelfEditConfig(**g) for g in c.oracle_configs]
-        if grid:
-            score_items(exp, [(t, i, g.text()) for t in tasks for i, g in enumerate(grid)],
-                        "oracle_grid")
+        if grid:  # one row per config: does the choice of config matter?
+            outcomes = score_items(exp, [(t, i, g.text()) for t in tasks for i, g in enumerate(grid)],
+                                   "oracle_grid")
+            for i, g in enumerate(grid):
+                rows.append(summarise(f"TTT, config {i} ({_describe(g)})",
+                                      _by_task([o for o in outcomes if o.edit_index == i]),
+                                      len(tasks), config=g.to_json()))
     with exp.timed(f"sample_eval_round{index}_s"):
         texts = sample_self_edits(exp, tasks, int(c.self_edit.k_eval), f"eval_round{index}",
                                   int(c.seed) + 100 * index + 7)
@@ -300,6 +304,12 @@ def evaluate_table(exp, index: int) -> list[dict]:
                           invalid_self_edits=sum(o.failure is not None for o in outcomes)))
     _presample_round(exp, index)
     return rows
+
+
+def _describe(config: S.SelfEditConfig) -> str:
+    families = "+".join(f for f, on in config.toggles.items() if on) or "no aug"
+    loss = "output" if config.output_only else "all"
+    return f"{families}, {loss} loss, lr {config.learning_rate:g}, {config.epochs} ep"
 
 
 def oracle_row(exp) -> dict:
@@ -316,8 +326,9 @@ def oracle_row(exp) -> dict:
 
 def write_results(exp, state: dict) -> None:
     table = list(state["table"])
+    first_seal = next((i for i, r in enumerate(table) if r["method"].startswith("SEAL")), len(table))
     if table:
-        table.insert(2 if len(table) > 2 else len(table), oracle_row(exp))
+        table.insert(first_seal, oracle_row(exp))
     headers = ["method", "tasks", "configs/task", "solved pairs", "rate", "95% CI",
                "tasks solved by any"]
     md_rows = [[r["method"], r["tasks"], ",".join(map(str, r["configs_per_task"])),
