@@ -12,6 +12,7 @@ from typing import Any
 
 DOMAINS = {
     "knowledge": "seal_jax.tasks.knowledge",
+    "arc": "seal_jax.tasks.arc",
 }
 
 
