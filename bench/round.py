@@ -35,6 +35,7 @@ import contextlib
 import json
 import pathlib
 import sys
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -56,14 +57,25 @@ DEFAULT_EDITS = REPO.parent / "shared" / "data" / "squad" / "self_edits_qwen7b_t
 
 
 class PhaseClock:
-    """Wall time per phase (nested phases count only in the innermost) and XLA compile time per phase."""
+    """Wall time per phase (nested phases count only in the innermost) and XLA compile time per phase.
+
+    Phases are tracked per thread: the E-step evaluates one call in a worker thread while the main
+    thread trains the next, so "train" and "evaluate" overlap and their sum exceeds the E-step's wall
+    time (reported separately as `estep_wall_seconds`).
+    """
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)
         self.compile_seconds = collections.defaultdict(float)
         self.calls = collections.Counter()
-        self._stack = []
+        self._local = threading.local()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    @property
+    def _stack(self) -> list:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
 
     def _on_event(self, event: str, duration: float, **_kwargs):
         if "backend_compile" in event and self._stack:
@@ -164,10 +176,10 @@ def main():
 
     passages, edits = load_workload(pathlib.Path(args.edits_file), args.passages, args.edits)
     items = [(p, i, e) for p, es in zip(passages, edits) for i, e in enumerate(es)]
-    with clock.phase("estep"):
-        outcomes = score_self_edits(engine, domain, items, reps=args.reps, seed=0, phase="bench",
-                                    progress=False)
-    estep_s = clock.seconds["train"] + clock.seconds["evaluate"] + clock.seconds["grade"] + clock.seconds["estep"]
+    estep_start = time.perf_counter()
+    outcomes = score_self_edits(engine, domain, items, reps=args.reps, seed=0, phase="bench",
+                                progress=False)
+    estep_s = time.perf_counter() - estep_start
     records = [r for o in outcomes for r in o.records]
     trained = [r for r in records if not r.get("failed")]
     failed = [r for r in records if r.get("failed")]
@@ -221,7 +233,7 @@ def main():
             engine.cfg, engine.settings.lora, engine.settings.inner),
         "seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
         "compile_seconds": {k: round(v, 2) for k, v in clock.compile_seconds.items()},
-        "estep_seconds": round(estep_s, 2),
+        "estep_wall_seconds": round(estep_s, 2),
         "candidates_per_hour": round(n_cand / estep_s * 3600) if estep_s else None,
         "compiled_train_programs": inner.compiled_shape_count() - shapes_before,
         "train_calls": clock.calls["train"], "eval_calls": clock.calls["evaluate"],
