@@ -138,7 +138,8 @@ def test_training_config_hash_ignores_keys_that_do_not_change_a_candidate():
     assert rundir.training_config_hash(_config(**{"lora.targets": ("q", "k")})) != h
 
 
-def test_discard_unproductive_runs_and_resume_command(tmp_path):
+def test_discard_unproductive_runs_and_resume_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "_fresh_runs", [])  # only this test's runs (the list is process-wide)
     empty = rundir.create(tmp_path, "a", _config(), kind="k")
     (empty.path / "split.json").write_text("{}")  # setup bookkeeping is not a product
     used = rundir.create(tmp_path, "b", _config(), kind="k")
