@@ -68,6 +68,7 @@ class Engine:
     # -- sampling ---------------------------------------------------------------------------
     def sample(self, prompts: Sequence[list[int]], sampling: SamplingParams) -> list[str]:
         out = generate(self.params, list(prompts), cfg=self.cfg, sampling=sampling,
+                       **self._decode_placement(),
                        tokenizer=self.tokenizer, batch_size=self.settings.sample_batch_size)
         return [g.text.strip() for g in out]
 
@@ -79,6 +80,7 @@ class Engine:
         sampling = [SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,
                                    stop_ids=tuple(self.tokenizer.stop_ids)) for r in requests]
         out = generate(self.params, [r.prompt_ids for r in requests], cfg=self.cfg, sampling=sampling,
+                       **self._decode_placement(),
                        lora=lora, lora_cfg=self.settings.lora if lora is not None else None,
                        adapter_index=list(adapter_index) if adapter_index is not None else None,
                        tokenizer=self.tokenizer, batch_size=self.settings.eval_batch_size)
@@ -103,6 +105,15 @@ class Engine:
             # takes process-local arrays.
             result = dataclasses.replace(result, lora=distributed.to_host(result.lora))
         return result
+
+    def _decode_placement(self) -> dict:
+        """Sampling and answering on the engine's mesh (rows and adapters split over its devices, the
+        base as the rules place it). A mesh spanning processes decodes process-locally instead: the
+        sampler takes process-local arrays (adapters are gathered to the host after training)."""
+        mesh = self.settings.mesh
+        if mesh is None or distributed.spans_processes(mesh):
+            return {}
+        return {"mesh": mesh, "rules": self.settings.rules}
 
     @property
     def pad_id(self) -> int:
