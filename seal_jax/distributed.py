@@ -270,6 +270,13 @@ def process_run_dirs(make_run_dir: Callable[[], pathlib.Path]) -> tuple[pathlib.
     return run_dir, own
 
 
+def shared_run_dir(own: pathlib.Path) -> pathlib.Path:
+    """The run directory itself, given the directory a process writes into (`process_run_dirs`):
+    checkpoints go there from every process."""
+    own = pathlib.Path(own)
+    return own.parent if own.name.startswith(".process") else own
+
+
 def num_hosts_in(mesh: Mesh) -> int:
     return len({d.process_index for d in mesh.devices.flat})
 

@@ -55,27 +55,39 @@ class Experiment:
 
 
 def open_run_dir(c) -> pathlib.Path:
-    """A fresh, marked run directory, or the one `c.resume` names after checking it may be resumed.
+    """A fresh, marked run directory, or the one `c.resume` names after checking it may be resumed;
+    returns the directory this process writes into.
 
     The one place that creates or reopens a run directory (`seal_jax.rundir`): resume refuses a folder
     that is not a seal_jax run of this kind and a config that changed in a key not declared
     resume-safe. Call it as late as possible (after the model loaded), so a failed setup leaves no
-    folder; the CLI removes a fresh one that holds nothing when the run fails.
+    folder; the CLI removes a fresh one that holds nothing when the run fails. With several processes
+    (`jax.distributed`) process 0 creates it and writes the run's files; every other process writes
+    into a private mirror inside it (`distributed.process_run_dirs`), so records and results are
+    written once.
     """
-    from seal_jax import interrupt, rundir
+    from seal_jax import distributed, interrupt, rundir
 
-    run = rundir.create_or_resume(c, kind=f"{c.get('domain', 'knowledge')}/{c.experiment}")
-    for key, (old, new) in run.changed_safe.items():
-        if key != "resume":
-            log.info("resume: %s changed %r -> %r (safe)", key, old, new)
-    interrupt.set_resume_hint(run.resume_hint())
-    log.info("run directory: %s", run.path)
-    return run.path
+    def create() -> pathlib.Path:
+        run = rundir.create_or_resume(c, kind=f"{c.get('domain', 'knowledge')}/{c.experiment}")
+        for key, (old, new) in run.changed_safe.items():
+            if key != "resume":
+                log.info("resume: %s changed %r -> %r (safe)", key, old, new)
+        interrupt.set_resume_hint(run.resume_hint())
+        log.info("run directory: %s", run.path)
+        return run.path
+
+    _run_dir, own = distributed.process_run_dirs(create)
+    return own
 
 
 def run_files(run_dir: pathlib.Path, max_to_keep: int = 2) -> tuple[RecordLog, RunCheckpointer]:
-    return RecordLog(run_dir / "records.jsonl"), RunCheckpointer(run_dir / "checkpoints",
-                                                                 max_to_keep=max_to_keep)
+    """The record log in this process's directory; checkpoints in the run directory itself, which
+    every process writes (orbax writes each array shard once)."""
+    from seal_jax import distributed
+
+    checkpoints = distributed.shared_run_dir(run_dir) / "checkpoints"
+    return RecordLog(run_dir / "records.jsonl"), RunCheckpointer(checkpoints, max_to_keep=max_to_keep)
 
 
 def initialize_distributed(c) -> None:

@@ -152,23 +152,6 @@ _ROUND_CHILD = textwrap.dedent("""
     from seal_jax.model import transformer
     from toy_domain import toy_engine, toy_experiment
 
-    # Two hooks the engine needs for a mesh spanning processes (seal_jax/engine.py; see
-    # seal_jax/distributed.py), applied here until engine.py carries them:
-    # 1. base params placed with put_global (device_put cannot move process-local arrays onto it);
-    def place_params(params, cfg, mesh, rules=None):
-        if mesh is None:
-            return jax.device_put(params)
-        shardings = sharding.logical_to_sharding(transformer.param_logical_axes(cfg), mesh,
-                                                 rules or sharding.DEFAULT_RULES, params)
-        return distributed.put_global(params, shardings)
-    engine_lib.place_params = place_params
-    # 2. trained adapters gathered to every process for the process-local sampler.
-    _train = engine_lib.Engine.train
-    def train(self, *args, **kwargs):
-        result = _train(self, *args, **kwargs)
-        return dataclasses.replace(result, lora=distributed.to_host(result.lora))
-    engine_lib.Engine.train = train
-
     def make_run_dir():
         run_dir = pathlib.Path(out_dir) / "run"
         run_dir.mkdir(parents=True)
