@@ -349,12 +349,18 @@ def write_results(exp, state: dict) -> None:
 
 def _plots(exp) -> None:
     """A PNG per evaluation task (first `plots`): the attempts of its best-scoring record."""
+    def rank(r):  # solved, then tests right, then attempts made (first record wins ties)
+        tests = r["tests"]
+        return (r.get("reward") or 0, sum(t["correct"] for t in tests),
+                sum(len(t["attempts"]) for t in tests))
+
     best: dict[str, tuple] = {}
     for r in exp.records.read():
-        if "tests" in r and (r["context_id"] not in best or (r.get("reward") or 0) > best[r["context_id"]][0]):
-            best[r["context_id"]] = (r.get("reward") or 0, r)
+        if "tests" in r and (r["context_id"] not in best or rank(r) > best[r["context_id"]][0]):
+            best[r["context_id"]] = (rank(r), r)
     for t in exp.eval_contexts[: int(exp.config.plots)]:
-        reward, rec = best.get(t.id, (0, {}))
+        _, rec = best.get(t.id, (0, {}))
+        reward = rec.get("reward") or 0
         attempts = [[np.asarray(a) for a in test["attempts"]] for test in rec.get("tests", [])] or None
         plot_task(t, exp.run_dir / f"task_{t.id}.png", attempts,
                   title=f"{t.id}: best attempts of the run ({rec.get('phase', 'none')}, reward {reward})")
