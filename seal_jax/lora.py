@@ -20,21 +20,18 @@ import functools
 import math
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
+from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
+from seal_jax.model.transformer import PROJECTION_PATHS  # noqa: F401  (re-exported)
 
 Lora = dict
 Params = dict
-
-# Where each projection kernel lives inside params["layers"]; the same names as the model's
-# PROJECTION_PATHS (kept here too so this module does not depend on the linen implementation).
-PROJECTION_PATHS = {
-    "q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
-    "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down"),
-}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -70,6 +67,11 @@ def init_lora(cfg: ModelConfig, lora_cfg: LoraConfig, rng: jax.Array,
 
 def init_lora_from_keys(cfg: ModelConfig, lora_cfg: LoraConfig, keys_K: jax.Array) -> Lora:
     """One adapter per PRNG key, stacked on a leading candidate axis."""
+    # A single key (or a [K, 2] array passed as typed keys) would otherwise vmap over key words.
+    if jax.dtypes.issubdtype(keys_K.dtype, jax.dtypes.prng_key):
+        chex.assert_rank(keys_K, 1)
+    else:
+        chex.assert_shape(keys_K, (None, 2))
     return _init_many(cfg, lora_cfg, keys_K)
 
 
@@ -85,28 +87,9 @@ def init_lora_from_seeds(cfg: ModelConfig, lora_cfg: LoraConfig, seeds: Sequence
 
 
 def check_lora(lora: Lora, cfg: ModelConfig, lora_cfg: LoraConfig, candidate_axis: bool) -> None:
-    """Raise ValueError naming the first target whose shapes do not fit `cfg`/`lora_cfg`."""
-    if set(lora) != set(lora_cfg.targets):
-        raise ValueError(f"LoRA targets {sorted(lora)} do not match lora_cfg.targets "
-                         f"{sorted(lora_cfg.targets)}")
-    lead = None
-    for target in lora_cfg.targets:
-        fan_in, fan_out = cfg.projection_shape(target)
-        a, b = lora[target]["a"], lora[target]["b"]
-        extra = 1 if candidate_axis else 0
-        want_a = (cfg.num_layers, fan_in, lora_cfg.rank)
-        want_b = (cfg.num_layers, lora_cfg.rank, fan_out)
-        if a.ndim != 3 + extra or tuple(a.shape[extra:]) != want_a:
-            raise ValueError(f"LoRA {target}.a has shape {tuple(a.shape)}, expected "
-                             f"{'[K] + ' if extra else ''}{list(want_a)}")
-        if b.ndim != 3 + extra or tuple(b.shape[extra:]) != want_b:
-            raise ValueError(f"LoRA {target}.b has shape {tuple(b.shape)}, expected "
-                             f"{'[K] + ' if extra else ''}{list(want_b)}")
-        if extra:
-            k = (a.shape[0], b.shape[0])
-            if k[0] != k[1] or (lead is not None and k[0] != lead):
-                raise ValueError(f"LoRA {target} has inconsistent candidate axes {k} (expected {lead})")
-            lead = k[0]
+    """Raise ValueError naming the first target whose shapes do not fit `cfg`/`lora_cfg`
+    (`transformer.check_lora`, the one shape check of an adapter)."""
+    transformer.check_lora(lora, cfg, lora_cfg, candidate_axis=candidate_axis)
 
 
 def num_candidates(lora: Lora) -> int:
@@ -149,7 +132,8 @@ def merge_lora(params: Params, lora: Lora, cfg: ModelConfig, lora_cfg: LoraConfi
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
-def _merged_kernel(w_LxIxO, a_LxIxR, b_LxRxO, scale: float):
+def _merged_kernel(w_LxIxO: Float[Array, "L I O"], a_LxIxR: Float[Array, "L I R"],
+                   b_LxRxO: Float[Array, "L R O"], scale: float) -> Float[Array, "L I O"]:
     ab_LxIxO = jnp.einsum("lir,lro->lio", a_LxIxR.astype(jnp.float32), b_LxRxO.astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST)
     return (w_LxIxO.astype(jnp.float32) + scale * ab_LxIxO).astype(w_LxIxO.dtype)

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from seal_jax import results as R
+from seal_jax import interrupt, results as R, rundir
+from seal_jax.errors import UserError
+from seal_jax.domain import CandidateFailure
 from seal_jax.engine import evaluate_contexts
 from seal_jax.estep import EditOutcome, score_self_edits
 from seal_jax.sampling import SamplingParams
@@ -48,7 +50,7 @@ SELECTIONS = ("best_of_k", "all_successful")
 ADAPTERS = "adapters"  # run-directory folder of saved candidate adapters (RoundConfig.save_adapters)
 
 
-class RoundError(RuntimeError):
+class RoundError(UserError, RuntimeError):  # the CLI reports it as one line, exit 2
     """A round cannot go on without producing a wrong result (e.g. grading failed wholesale)."""
 
 
@@ -127,13 +129,30 @@ def sample_self_edits(exp: "Experiment", contexts: Sequence[Any], k: int, tag: s
             return saved["self_edits"]
     sampling = exp.round.sampling(seed, exp.engine.tokenizer.stop_ids)
     prompt_ids = [exp.domain.self_edit_prompt(c) for c in contexts]
-    log.info("sampling %d self-edits (%s)", len(contexts) * k, tag)
-    texts = exp.engine.sample([p for p in prompt_ids for _ in range(k)], sampling)
-    edits = [texts[i * k:(i + 1) * k] for i in range(len(contexts))]
-    R.write_json(path, {"context_ids": ids, "k": k, "self_edits": edits,
+    # Per-item limit: a context whose prompt plus the generation does not fit the model is skipped
+    # (its self-edits are empty, and `too_long` says why) instead of aborting the whole run.
+    limit = exp.engine.cfg.max_position_embeddings
+    too_long = {ids[i]: f"self-edit prompt of {len(p)} tokens + {sampling.max_new_tokens} new tokens "
+                        f"exceeds the model's {limit} positions"
+                for i, p in enumerate(prompt_ids) if len(p) + sampling.max_new_tokens > limit}
+    fits = [i for i in range(len(contexts)) if ids[i] not in too_long]
+    for cid, reason in too_long.items():
+        log.warning("context %s skipped: %s", cid, reason)
+    log.info("sampling %d self-edits (%s)", len(fits) * k, tag)
+    texts = exp.engine.sample([prompt_ids[i] for i in fits for _ in range(k)], sampling) if fits else []
+    edits = [[""] * k for _ in contexts]
+    for n, i in enumerate(fits):
+        edits[i] = texts[n * k:(n + 1) * k]
+    R.write_json(path, {"context_ids": ids, "k": k, "self_edits": edits, "too_long": too_long,
                         "prompts": [exp.engine.tokenizer.decode(p, skip_special=False)
                                     for p in prompt_ids]})
     return edits
+
+
+def too_long_contexts(exp: "Experiment", tag: str) -> dict[str, str]:
+    """{context id: reason} of the contexts `sample_self_edits` skipped for `tag`."""
+    path = exp.run_dir / f"self_edits_{tag}.json"
+    return json.loads(path.read_text()).get("too_long", {}) if path.exists() else {}
 
 
 def baseline_scores(exp: "Experiment", contexts: Sequence[Any], tag: str) -> dict[str, float]:
@@ -229,7 +248,8 @@ def run_rounds(exp: "Experiment", hooks: RoundHooks = RoundHooks()) -> dict:
         state = meta["state"]
         log.info("resumed after round %d from %s", state["round"], ckpt.directory)
 
-    if not state.get("evaluated_start") and hooks.evaluate is not None:
+    # (a state saved before this flag existed has its start table already when it has any rows)
+    if not state.get("evaluated_start", bool(state["table"])) and hooks.evaluate is not None:
         state["table"] += hooks.evaluate(exp, 0)
         state["evaluated_start"] = True
         write(exp, state)
@@ -242,6 +262,7 @@ def run_rounds(exp: "Experiment", hooks: RoundHooks = RoundHooks()) -> dict:
         state["round"] = r + 1
         ckpt.save(r + 1, exp.engine.params, {"state": R.json_safe(state)})
         write(exp, state)
+        interrupt.check(f"round {r} (checkpointed)")
     return state
 
 
@@ -252,10 +273,18 @@ def one_round(exp: "Experiment", r: int) -> dict:
     tag = f"round{r}"
     baseline = baseline_scores(exp, contexts, f"{tag}_train")
     edits = sample_self_edits(exp, contexts, rc.k, tag, seed=rc.seed + 1000 * (r + 1))
+    interrupt.check(f"sampling round {r}'s self-edits (saved)")
     items = [(c, i, e) for c, es in zip(contexts, edits) for i, e in enumerate(es)]
+    skipped = too_long_contexts(exp, tag)
+
+    def build(ctx, text):  # a skipped context's candidates are recorded failures with the reason
+        cid = exp.domain.context_id(ctx)
+        return CandidateFailure(skipped[cid]) if cid in skipped else exp.domain.build_candidate(ctx, text)
+
     outcomes = score_self_edits(exp.engine, exp.domain, items, reps=rc.reps, seed=rc.seed + r,
-                                phase=f"{tag}/score", done=exp.done_records(),
+                                phase=f"{tag}/score", done=exp.done_records(), build=build,
                                 on_record=exp.records.append, progress=exp.progress,
+                                config_hash=rundir.training_config_hash(exp.config or {}),
                                 adapter_root=exp.run_dir / ADAPTERS if rc.save_adapters else None)
     check_graded(outcomes, f"round {r}")
     chosen = select(outcomes, baseline, rc)

@@ -1,38 +1,42 @@
-"""Batched text generation with a KV cache, one LoRA adapter per row group.
+"""Batched text generation with a KV cache, one LoRA adapter per row group, rows refilled as they finish.
 
-SEAL samples in two places: the policy writes self-edits (temperature 1.0, top-p 0.95, thousands of
-tokens) and every adapted candidate answers questions (greedy, 64 tokens, stop at EOS). Both go
-through `generate`, which turns a ragged list of requests into a few fixed-shape device batches:
+SEAL samples in two places: the policy writes self-edits (temperature 1.0, top-p 0.95, up to
+thousands of tokens, very different lengths) and every adapted candidate answers questions (greedy,
+64 tokens, stop at EOS). Both go through `generate`, which keeps one fixed-shape device batch busy:
 
-* Requests are grouped by adapter (`adapter_index[i]` picks candidate `k` of a LoRA stacked
-  `[K, L, ...]`), each adapter's rows are cut into groups of R rows, and G groups form one batch, laid
-  out group-major as the model's grouped-LoRA form expects (`A: [L, G, in, r]`, rows
-  `[g*R, (g+1)*R)` use adapter g). `plan_row_groups` does this and is shared with `scoring.py`.
-* Prompts are left-padded so every row's last prompt token sits in the same column; each row's
-  positions count only its real tokens, so padding changes nothing but the batch shape.
-* One jitted function per (bucketed) shape does the prefill and then a `lax.while_loop` over decode
-  steps that stops as soon as every row has hit a stop token or its own `max_new_tokens`.
-  The prefill runs all but the last prompt column in chunks whose logits are discarded (XLA then
-  drops their LM-head matmul, and no [B, P, V] array ever exists), then the last column alone.
-  Batch size, prompt length and generation length are rounded up to powers of two, so a long run
+* Rows are laid out as G groups of R rows, group-major, as the model's grouped-LoRA form expects
+  (`A: [L, G, in, r]`; rows `[g*R, (g+1)*R)` use adapter g). Each adapter's requests wait in a queue;
+  a free row takes the next request of its group's adapter, and a group whose queue ran dry switches
+  adapter once all its rows are free.
+* The device decodes until a sixteenth of the rows are free (or all are done), then the host
+  harvests finished rows and prefills pending requests into them (`refill`). One long request
+  therefore holds one row, not the whole batch; `refill=False` gives classic whole-batch decoding.
+* The KV cache holds, per row, the positions that row has reached; its capacity follows the live
+  rows (their length plus up to CAPACITY_HORIZON tokens ahead, in ratio-1.5 buckets), so attention
+  reads what the rows need. Prompt lengths, row counts and capacities are bucketed, so a long run
   compiles a handful of programs, and `jax.jit` keeps them.
+* The device side (prefill, the decode loop, sort-free nucleus sampling) is `seal_jax/decode.py`.
 
-Randomness: row i draws from `fold_in(key(seed_i), i)` folded with the step number. Its stream
-depends only on its seed and its position in the request list, not on chunking, batch size or adapter
-grouping, and identical prompts repeated at different positions (SEAL's k self-edits per passage)
-get independent samples from one shared `SamplingParams`.
+Randomness: request i draws its step-t token from `fold_in(fold_in(key(seed_i), i), t)`. Its stream
+depends only on its seed and its position in the request list, not on batch size, refill order,
+which row it lands in or adapter grouping, and identical prompts repeated at different positions
+(SEAL's k self-edits per passage) get independent samples from one shared `SamplingParams`.
+
+`plan_row_groups` (fixed batches of adapter groups) and `prepare_lora` are shared with `scoring.py`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seal_jax import decode, sharding
 from seal_jax.lora import check_lora, num_candidates
+from seal_jax.model.tokenizer import resolve_pad_id
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
 
@@ -43,6 +47,8 @@ MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 256  # prompt tokens per prefill step: bounds the [B, heads, chunk, S] scores
 MIN_NEW_TOKENS_BUCKET = 16
 MIN_STOP_BUCKET = 4
+CAPACITY_HORIZON = 512  # cache slots reserved ahead of each live row (bounds resizes and compiles)
+REFILL_FRACTION = 16  # with pending requests, return to refill once 1/16 of the rows are free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,142 +211,44 @@ def on_device(params: Params) -> Params:
     return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
 
 
+def place_on_mesh(params: Params, lora_LxK: Optional[Lora], cfg: ModelConfig, mesh=None,
+                  rules=None) -> tuple[Params, Optional[Lora]]:
+    """Base params and grouped adapters onto the devices, once per call.
+
+    Without a mesh: host leaves -> the default device (device arrays pass through). With a mesh: the
+    base follows the rules table (FSDP / tensor parallel, `seal_jax.sharding`) and the adapters
+    `[L, K, ...]` are split over the candidate mesh axes when K divides evenly (else replicated).
+    Arrays already placed that way are not moved.
+    """
+    if mesh is None:
+        return on_device(params), lora_LxK
+    rules = rules or sharding.DEFAULT_RULES
+    params = jax.device_put(params, sharding.logical_to_sharding(
+        transformer.param_logical_axes(cfg), mesh, rules, params))
+    if lora_LxK is not None:
+        k = jax.tree.leaves(lora_LxK)[0].shape[1]
+        whole = k % sharding.candidate_shards(mesh, rules) != 0
+        lora_LxK = jax.tree.map(
+            lambda x: jax.device_put(x, sharding.replicated(mesh) if whole
+                                     else sharding.candidate_sharding(mesh, x.ndim, 1, rules)),
+            lora_LxK)
+    return params, lora_LxK
+
+
+def shard_rows(tree: Any, logical_axes: Any, mesh=None, rules=None) -> Any:
+    """Place per-row arrays with rows on the "batch" logical axis (split where the mesh divides the
+    row count, else replicated); unchanged without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, sharding.logical_to_sharding(
+        logical_axes, mesh, rules or sharding.DEFAULT_RULES, tree))
+
+
 def gather_groups(lora_LxK: Optional[Lora], adapters_G: jax.Array) -> Optional[Lora]:
     """[L, K, ...] -> [L, G, ...]: the adapters of one batch's groups (traced, once per batch)."""
     if lora_LxK is None:
         return None
     return jax.tree.map(lambda x: jnp.take(x, adapters_G, axis=1), lora_LxK)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device side
-
-
-def _pick_tokens(logits_BxV, keys_B, temperature_B, top_p_B, *, stochastic: bool, nucleus: bool):
-    """Next token per row: argmax where temperature == 0, else a (nucleus) sample."""
-    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    if not stochastic:
-        return greedy_B
-    sampled_rows_B = temperature_B > 0
-    scaled_BxV = logits_BxV / jnp.where(sampled_rows_B, temperature_B, 1.0)[:, None]
-    if nucleus:
-        # Sort descending; keep a token while the mass strictly before it is < top_p, so the most
-        # likely token is always kept and top_p -> 0 is greedy. Stable sort: ties go to the lower id,
-        # as argmax does.
-        order_BxV = jnp.argsort(-scaled_BxV, axis=-1, stable=True)
-        sorted_BxV = jnp.take_along_axis(scaled_BxV, order_BxV, axis=-1)
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        keep_BxV = mass_before_BxV < top_p_B[:, None]
-        keep_BxV = keep_BxV.at[:, 0].set(True)
-        sorted_BxV = jnp.where(keep_BxV, sorted_BxV, -jnp.inf)
-        choice_B = jax.vmap(jax.random.categorical)(keys_B, sorted_BxV)
-        sampled_B = jnp.take_along_axis(order_BxV, choice_B[:, None], axis=-1)[:, 0]
-    else:
-        sampled_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV)
-    return jnp.where(sampled_rows_B, sampled_B.astype(jnp.int32), greedy_B)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "lora_cfg", "max_new_bucket", "prefill_chunk", "stochastic", "nucleus"),
-)
-def _generate_batch(
-    params,
-    lora_LxK,
-    adapters_G,
-    tokens_BxP,
-    prompt_mask_BxP,
-    max_new_B,
-    stop_ids_BxS,
-    temperature_B,
-    top_p_B,
-    seed_B,
-    request_B,
-    pad_id,
-    *,
-    cfg: ModelConfig,
-    lora_cfg: Optional[LoraConfig],
-    max_new_bucket: int,
-    prefill_chunk: int,
-    stochastic: bool,
-    nucleus: bool,
-):
-    """Prefill left-padded prompts, then decode until every row is done.
-
-    tokens_BxP holds P = Q + 1 columns, Q a multiple of prefill_chunk (or smaller than it).
-
-    Returns (tokens_BxN with pad after each row's end, count_B tokens emitted per row including a
-    stop token, stopped_B whether the row ended on a stop token).
-    """
-    batch = tokens_BxP.shape[0]
-    lora = gather_groups(lora_LxK, adapters_G)
-    row_keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_B, request_B)
-
-    def pick(logits_BxV, step):
-        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
-        return _pick_tokens(logits_BxV, keys_B, temperature_B, top_p_B,
-                            stochastic=stochastic, nucleus=nucleus)
-
-    def is_stop(tok_B):
-        return jnp.any(tok_B[:, None] == stop_ids_BxS, axis=-1)
-
-    length_B = prompt_mask_BxP.sum(axis=-1).astype(jnp.int32)
-    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0).astype(jnp.int32)
-    prefix_len = tokens_BxP.shape[1] - 1
-    chunk = min(prefill_chunk, prefix_len)
-    # Cache slots: Q prefix + 1 last prompt token + (max_new_bucket - 1) fed-back tokens.
-    cache = transformer.init_cache(cfg, batch, prefix_len + max_new_bucket)
-
-    def prefill_chunk_step(cache, chunk_inputs):
-        tokens_BxC, positions_BxC, mask_BxC = chunk_inputs
-        _, cache = transformer.forward_with_cache(
-            params, tokens_BxC, cache, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
-            positions_BxT=positions_BxC, token_mask_BxT=mask_BxC,
-        )
-        return cache, None
-
-    def chunks(x_BxP):  # [B, Q + 1] -> [Q / chunk, B, chunk]
-        return x_BxP[:, :prefix_len].reshape(batch, prefix_len // chunk, chunk).swapaxes(0, 1)
-
-    cache, _ = jax.lax.scan(
-        prefill_chunk_step, cache, (chunks(tokens_BxP), chunks(positions_BxP), chunks(prompt_mask_BxP))
-    )
-    # Left padding puts every row's last prompt token in the last column.
-    logits_Bx1xV, cache = transformer.forward_with_cache(
-        params, tokens_BxP[:, -1:], cache, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
-        positions_BxT=positions_BxP[:, -1:], token_mask_BxT=prompt_mask_BxP[:, -1:],
-    )
-    tok_B = pick(logits_Bx1xV[:, 0], 0)
-    live_B = max_new_B > 0
-    tok_B = jnp.where(live_B, tok_B, pad_id)
-    stopped_B = is_stop(tok_B) & live_B
-    done_B = ~live_B | stopped_B | (max_new_B <= 1)
-    out_BxN = jnp.full((batch, max_new_bucket), pad_id, jnp.int32).at[:, 0].set(tok_B)
-    count_B = live_B.astype(jnp.int32)
-
-    def cond(state):
-        step, _, done_B, *_ = state
-        return (step < max_new_bucket) & ~jnp.all(done_B)
-
-    def body(state):
-        step, tok_B, done_B, stopped_B, count_B, out_BxN, cache = state
-        # tok_B was emitted at step-1; it sits at position length + step - 1.
-        logits_Bx1xV, cache = transformer.forward_with_cache(
-            params, tok_B[:, None], cache, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
-            positions_BxT=(length_B + step - 1)[:, None], token_mask_BxT=~done_B[:, None],
-        )
-        new_B = jnp.where(done_B, pad_id, pick(logits_Bx1xV[:, 0], step))
-        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, new_B[:, None], step, axis=1)
-        hit_B = is_stop(new_B) & ~done_B
-        count_B = count_B + (~done_B).astype(jnp.int32)
-        stopped_B = stopped_B | hit_B
-        done_B = done_B | hit_B | (step + 1 >= max_new_B)
-        return step + 1, new_B, done_B, stopped_B, count_B, out_BxN, cache
-
-    state = (jnp.int32(1), tok_B, done_B, stopped_B, count_B, out_BxN, cache)
-    _, _, _, stopped_B, count_B, out_BxN, _ = jax.lax.while_loop(cond, body, state)
-    return out_BxN, count_B, stopped_B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,10 +264,7 @@ def _resolve_stop_ids(sp: SamplingParams, cfg: ModelConfig, tokenizer) -> tuple[
 
 
 def _pad_id(cfg: ModelConfig, tokenizer) -> int:
-    for candidate in (cfg.pad_token_id, getattr(tokenizer, "pad_id", None), cfg.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    return resolve_pad_id(tokenizer, cfg)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, what: str = "prompt") -> list[np.ndarray]:
@@ -378,6 +283,63 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, what: str 
     return arrays
 
 
+def capacity_bucket(n: int) -> int:
+    """KV-cache slots for n tokens: the next of 64, 96, 128, 192, ... (ratio <= 1.5, so a resized
+    cache wastes at most a third of its attention reads and long runs compile a handful of sizes)."""
+    size = 64
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return candidate
+        size *= 2
+
+
+class _Rows:
+    """Host bookkeeping of one device batch of G groups x R rows: which request each row serves, the
+    adapter each group uses, and the queues of requests not started yet (one per adapter).
+
+    A free row takes the next request of its group's adapter; a group whose rows are all free and
+    whose adapter has nothing left switches to the adapter with the most pending requests.
+    """
+
+    def __init__(self, requests: list[int], adapters: np.ndarray, lengths: np.ndarray,
+                 batch_size: int):
+        counts = np.bincount(adapters[requests])
+        self.group_size = bucket(int(counts.max()), maximum=batch_size)
+        groups_needed = int(sum(-(-int(c) // self.group_size) for c in counts))
+        self.num_groups = max(1, min(batch_size // self.group_size, bucket(groups_needed)))
+        self.batch = self.num_groups * self.group_size
+        self.queues = {}
+        for r in sorted(requests, key=lambda r: (adapters[r], lengths[r])):  # similar prompt lengths
+            self.queues.setdefault(int(adapters[r]), collections.deque()).append(r)
+        self.group_adapter = np.full(self.num_groups, -1, np.int64)
+        self.request = np.full(self.batch, -1, np.int64)  # request served by each row, -1 = free
+
+    @property
+    def pending(self) -> int:
+        return sum(map(len, self.queues.values()))
+
+    def admit(self) -> list[tuple[int, int]]:
+        """(row, request) for every free row that can start a request now."""
+        fills = []
+        for g in range(self.num_groups):
+            rows = range(g * self.group_size, (g + 1) * self.group_size)
+            if np.all(self.request[rows] < 0) and not self.queues.get(self.group_adapter[g]):
+                busiest = max(self.queues, key=lambda a: len(self.queues[a]), default=None)
+                if busiest is None or not self.queues[busiest]:
+                    continue
+                self.group_adapter[g] = busiest
+            queue = self.queues.get(self.group_adapter[g])
+            for row in rows:
+                if self.request[row] < 0 and queue:
+                    self.request[row] = queue.popleft()
+                    fills.append((row, int(self.request[row])))
+        return fills
+
+    def adapters_G(self) -> np.ndarray:
+        return np.maximum(self.group_adapter, 0).astype(np.int32)  # unused groups: any valid index
+
+
 def generate(
     params: Params,
     prompts: Sequence[Sequence[int]],
@@ -390,6 +352,9 @@ def generate(
     tokenizer=None,
     batch_size: int = 32,
     prefill_chunk: int = PREFILL_CHUNK,
+    refill: bool = True,
+    mesh=None,
+    rules=None,
 ) -> list[Generation]:
     """Complete every prompt; results come back in prompt order.
 
@@ -397,6 +362,15 @@ def generate(
     and max_new_tokens may differ per row). `lora` is one adapter `[L, ...]` for all rows or a
     candidate stack `[K, L, ...]` with `adapter_index[i]` choosing prompt i's candidate. Text is
     decoded without special tokens when a tokenizer is given, else None.
+
+    At most `batch_size` requests decode at once. With `refill` (the default) a row that finishes
+    takes the next pending request, so short requests do not wait for the longest in their batch;
+    `refill=False` starts new requests only when the whole batch is done. Results are the same
+    either way (each request's sample stream depends only on its seed and position).
+
+    `mesh` / `rules` (`seal_jax.sharding`): run on a device mesh, the base sharded by the rules
+    (FSDP and/or tensor parallel), adapters split over the candidate axes and the batch rows over
+    the "batch" axes, so a model that only fits across devices can be sampled. None: one device.
     """
     arrays = check_prompts(prompts, cfg)
     n = len(arrays)
@@ -409,7 +383,6 @@ def generate(
         if len(per_row) != n:
             raise ValueError(f"got {len(per_row)} SamplingParams for {n} prompts")
     lora_LxK, index = prepare_lora(lora, lora_cfg, cfg, adapter_index, n)
-    params = on_device(params)
     pad_id = _pad_id(cfg, tokenizer)
     stops = [_resolve_stop_ids(sp, cfg, tokenizer) for sp in per_row]
     for i, (a, sp) in enumerate(zip(arrays, per_row)):
@@ -419,57 +392,122 @@ def generate(
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
 
-    pending = []
-    for plan in plan_row_groups(index, [a.size for a in arrays], batch_size):
-        rows = plan.rows
-        real = plan.real
-        b = len(rows)
-        # Q prefix columns (a power of two, so prefill chunks tile it) + the last prompt token.
-        prompt_len = bucket(max(arrays[r].size for r in rows[real]) - 1, MIN_PROMPT_BUCKET) + 1
-        max_new = max(per_row[r].max_new_tokens for r in rows[real])
-        max_new_bucket = bucket(max(max_new, 1), MIN_NEW_TOKENS_BUCKET)
-        stop_width = bucket(max(len(stops[r]) for r in rows[real]), MIN_STOP_BUCKET)
-
-        tokens = np.full((b, prompt_len), pad_id, np.int32)
-        mask = np.zeros((b, prompt_len), bool)
-        max_new_B = np.zeros(b, np.int32)
-        stop_BxS = np.full((b, stop_width), -1, np.int32)
-        temperature_B = np.zeros(b, np.float32)
-        top_p_B = np.ones(b, np.float32)
-        seed_B = np.zeros(b, np.uint32)
-        request_B = np.zeros(b, np.uint32)
-        # Padding rows get a one-token prompt (an all-masked row would attend to nothing) and no
-        # new tokens, so they are done before the first decode step.
-        mask[~real, -1] = True
-        for j in np.flatnonzero(real):
-            r = rows[j]
-            a, sp = arrays[r], per_row[r]
-            tokens[j, prompt_len - a.size :] = a
-            mask[j, prompt_len - a.size :] = True
-            max_new_B[j] = sp.max_new_tokens
-            stop_BxS[j, : len(stops[r])] = stops[r]
-            temperature_B[j] = sp.temperature
-            top_p_B[j] = sp.top_p
-            seed_B[j] = sp.seed
-            request_B[j] = r
-        stochastic = bool(np.any(temperature_B > 0))
-        nucleus = stochastic and bool(np.any((top_p_B < 1.0) & (temperature_B > 0)))
-        result = _generate_batch(
-            params, lora_LxK, jnp.asarray(plan.adapters), tokens, mask, max_new_B, stop_BxS,
-            temperature_B, top_p_B, seed_B, request_B, np.int32(pad_id),
-            cfg=cfg, lora_cfg=lora_cfg if lora_LxK is not None else None,
-            max_new_bucket=max_new_bucket, prefill_chunk=prefill_chunk,
-            stochastic=stochastic, nucleus=nucleus,
-        )
-        pending.append((plan, result))  # dispatch is asynchronous: build the next batch meanwhile
+    def finish(ids: list[int], stopped: bool) -> Generation:
+        stop_token = ids.pop() if stopped else None
+        text = tokenizer.decode(ids, skip_special=True) if tokenizer is not None else None
+        return Generation(text, ids, "stop" if stopped else "length", stop_token)
 
     generations: list[Optional[Generation]] = [None] * n
-    for plan, result in pending:
-        out_BxN, count_B, stopped_B = (np.asarray(x) for x in result)
-        for j in np.flatnonzero(plan.real):
-            r = int(plan.rows[j])
-            ids = out_BxN[j, : count_B[j]].tolist()
-            stop_token = ids.pop() if stopped_B[j] else None
-            text = tokenizer.decode(ids, skip_special=True) if tokenizer is not None else None
-            generations[r] = Generation(text, ids, "stop" if stopped_B[j] else "length", stop_token)
+    active = [i for i in range(n) if per_row[i].max_new_tokens > 0]
+    for i in range(n):
+        if per_row[i].max_new_tokens == 0:
+            generations[i] = finish([], False)
+    if active:
+        _decode_requests(params, arrays, per_row, stops, active, generations, finish,
+                         cfg=cfg, lora_LxK=lora_LxK, lora_cfg=lora_cfg, index=index, pad_id=pad_id,
+                         batch_size=batch_size, prefill_chunk=prefill_chunk, refill=refill,
+                         mesh=mesh, rules=rules)
     return generations
+
+
+def _decode_requests(params, arrays, per_row, stops, active, generations, finish, *, cfg, lora_LxK,
+                     lora_cfg, index, pad_id, batch_size, prefill_chunk, refill, mesh, rules):
+    """Run `active` requests through one device batch, refilling rows as they free up."""
+    lengths = np.array([a.size for a in arrays])
+    adapters = np.zeros(len(arrays), np.int64) if index is None else index
+    rows = _Rows(active, adapters, lengths, batch_size)
+    temperature = np.array([sp.temperature for sp in per_row], np.float32)
+    top_p = np.array([sp.top_p for sp in per_row], np.float32)
+    max_new = np.array([sp.max_new_tokens for sp in per_row], np.int64)
+    flags = dict(stochastic=bool(np.any(temperature[active] > 0)),
+                 nucleus=bool(np.any((temperature[active] > 0) & (top_p[active] < 1.0))))
+    lora_cfg = lora_cfg if lora_LxK is not None else None
+    params, lora_LxK = place_on_mesh(params, lora_LxK, cfg, mesh, rules)
+    weights = decode.decode_weights(params, decode.split_layers(params["layers"]), cfg)
+    stop_width = bucket(max(len(stops[r]) for r in active), MIN_STOP_BUCKET)
+    out_len = bucket(int(max_new[active].max()), MIN_NEW_TOKENS_BUCKET)
+    state, capacity = None, 0
+    row_len = np.zeros(rows.batch, np.int64)  # tokens in each row's cache (host copy)
+    row_count = np.zeros(rows.batch, np.int64)  # tokens emitted by each row's request
+
+    while True:
+        fills = rows.admit() if refill or np.all(rows.request < 0) else []
+        for row, r in fills:
+            row_len[row], row_count[row] = lengths[r], 0
+        live = rows.request >= 0
+        if not live.any():
+            return
+        # Cache capacity: what live rows need for the next CAPACITY_HORIZON tokens, and room for
+        # the prompt columns being prefilled. Grown when short, shrunk when less than half is used.
+        remaining = max_new[rows.request[live]] - row_count[live]
+        want = int(np.max(row_len[live] + np.minimum(remaining, CAPACITY_HORIZON)))
+        prompt_cols = [_prompt_columns(lengths[[r for _, r in fills]])] if fills else []
+        target = capacity_bucket(max([want] + prompt_cols))
+        if state is None:
+            state = decode.init_state(cfg, rows.batch, target, out_len, stop_width)
+            state = shard_rows(state, decode.state_logical_axes(state), mesh, rules)
+            capacity = target
+        elif target > capacity or target <= capacity // 2:
+            state = decode.resize(state, capacity=target)
+            capacity = target
+        if fills:
+            state = _prefill(params, lora_LxK, state, fills, rows, arrays, per_row, stops, temperature,
+                             top_p, pad_id, cfg=cfg, lora_cfg=lora_cfg, prefill_chunk=prefill_chunk)
+        fresh = np.zeros(rows.batch, bool)
+        fresh[[row for row, _ in fills]] = True
+        if np.all(fresh[live] & (max_new[rows.request[live]] <= 1)):
+            exit_after = 0  # every live row ended with its first token: nothing to decode
+        else:
+            free = int(np.sum(~live))
+            exit_after = (free + min(rows.pending, max(1, rows.batch // REFILL_FRACTION))
+                          if refill and rows.pending else rows.batch + 1)
+        if exit_after:
+            state = decode.decode_segment(
+                weights, lora_LxK, jnp.asarray(rows.adapters_G()), state, np.int32(exit_after),
+                np.int32(pad_id), cfg=cfg, lora_cfg=lora_cfg, **flags)
+        done, stopped, count, length = jax.device_get(
+            (state["done"], state["stopped"], state["count"], state["len"]))
+        row_count[:], row_len[:] = count, length
+        finished = np.flatnonzero(done & live)
+        if len(finished):
+            out = np.asarray(state["out"])
+            for row in finished:
+                generations[rows.request[row]] = finish(out[row, : count[row]].tolist(), bool(stopped[row]))
+                rows.request[row] = -1
+
+
+def _prompt_columns(lengths) -> int:
+    """Prefill columns for these prompts: a power-of-two prefix (so prefill chunks tile it) + the
+    last prompt token."""
+    return bucket(int(np.max(lengths)) - 1, MIN_PROMPT_BUCKET) + 1
+
+
+def _prefill(params, lora_LxK, state, fills, rows, arrays, per_row, stops, temperature, top_p, pad_id,
+             *, cfg, lora_cfg, prefill_chunk):
+    """Start the requests in `fills` ([(row, request)]) with one prefill call, rows bucketed to a
+    power of two (padding rows point past the batch, so their writes are dropped)."""
+    num = bucket(len(fills))
+    cols = _prompt_columns([arrays[r].size for _, r in fills])
+    stop_width = state["stop_ids"].shape[1]
+    tokens = np.full((num, cols), pad_id, np.int32)
+    mask = np.zeros((num, cols), bool)
+    mask[len(fills):, -1] = True  # padding rows: a one-token prompt (never an all-masked row)
+    slot = np.full(num, rows.batch, np.int32)
+    adapter = np.zeros(num, np.int32)
+    max_new = np.ones(num, np.int32)
+    stop = np.full((num, stop_width), -1, np.int32)
+    temp, nucleus_p = np.zeros(num, np.float32), np.ones(num, np.float32)
+    seed, request = np.zeros(num, np.uint32), np.zeros(num, np.uint32)
+    for j, (row, r) in enumerate(fills):
+        a, sp = arrays[r], per_row[r]
+        tokens[j, cols - a.size:] = a
+        mask[j, cols - a.size:] = True
+        slot[j], adapter[j], max_new[j] = row, rows.group_adapter[row // rows.group_size], sp.max_new_tokens
+        stop[j, : len(stops[r])] = stops[r]
+        temp[j], nucleus_p[j], seed[j], request[j] = temperature[r], top_p[r], sp.seed, r
+    adapter, seed, request = jnp.asarray(adapter), jnp.asarray(seed), jnp.asarray(request)
+    temp, nucleus_p = jnp.asarray(temp), jnp.asarray(nucleus_p)
+    k, v, first = decode.prefill(params, lora_LxK, adapter, tokens, mask, seed, request, temp,
+                                 nucleus_p, cfg=cfg, lora_cfg=lora_cfg, prefill_chunk=prefill_chunk)
+    return decode.install(state, slot, k, v, first, mask.sum(axis=1).astype(np.int32), max_new, stop,
+                          temp, nucleus_p, seed, request)

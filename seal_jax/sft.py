@@ -8,15 +8,16 @@ on which examples share a batch); a weight w > 0 scales that example's token los
 loss is sum(w * nll) / #target tokens (so weights of 1 are exactly HF's per-step mean).
 
 Training reuses the inner loop (`seal_jax.inner`) as a single candidate: same host plan, same
-compiled chunk program, same AdamW/clipping/schedule (torch semantics), gradient accumulation via
+compiled chunk program, same optax update (torch clipping + AdamW, the schedule), gradient accumulation via
 `microbatches`. With a LoRA config the adapter is trained and merged into the base (W + scale*A@B in
 fp32, cast back), as the reference's `merge_and_unload`; the next round starts from the merged model
 with a fresh adapter. With `lora=None` the base params themselves are trained (fp32 master copy).
 
 Reference recipe (knowledge, `train_SFT.py`): LoRA r64 / alpha 128 on all seven projections, lr 3e-4,
 2 epochs, global batch 10 (per-device 1 x grad-accum 5 x 2 GPUs), linear decay, no warmup, AdamW
-defaults, no truncation. Those are the `SFTConfig` defaults; microbatches=10 keeps the reference's
-one-sequence-at-a-time activation memory.
+defaults, no truncation. Those are the `SFTConfig` defaults (`SFT_INNER`); microbatches=10 keeps the
+reference's one-sequence-at-a-time activation memory. `SFTConfig.from_fields` builds one from a flat
+config section (any InnerConfig field, plus lora and seed).
 """
 from __future__ import annotations
 
@@ -34,32 +35,36 @@ from seal_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig
 Example = tuple  # (prompt_ids, completion_ids, weight)
 
 
+# The reference recipe as inner-loop settings. Data order "independent": with one candidate there is
+# nothing to align, and it keeps the M-step's example order what it was for a given seed.
+SFT_INNER = inner.InnerConfig(
+    batch_size=10, microbatches=10, epochs=2, learning_rate=3e-4, schedule="linear", warmup_steps=0,
+    max_grad_norm=1.0, weight_decay=0.0, append_eos=False, shuffle="independent",
+    length_buckets=(128, 256, 512, 1024, 2048, 4096, 8192), steps_per_chunk=16)
+
+SFT_LORA = LoraConfig(rank=64, alpha=128.0, targets=LORA_TARGETS)
+
+
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    lora: Optional[LoraConfig] = LoraConfig(rank=64, alpha=128.0, targets=LORA_TARGETS)
-    learning_rate: float = 3e-4
-    epochs: float = 2
-    batch_size: int = 10  # global batch (examples per optimizer step)
-    microbatches: int = 10  # gradient-accumulation micro-batches per step
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    seed: int = 42  # shuffle and adapter init (HF's default seed)
-    length_buckets: tuple = (128, 256, 512, 1024, 2048, 4096, 8192)
-    steps_per_chunk: int = 16
+    """The M-step: an adapter (None: full fine-tune), the inner-loop settings it trains with, and the
+    seed of its data order and adapter init (HF's default seed)."""
 
-    def inner_config(self) -> inner.InnerConfig:
-        return inner.InnerConfig(
-            batch_size=self.batch_size, epochs=self.epochs, learning_rate=self.learning_rate,
-            schedule=self.schedule, warmup_steps=self.warmup_steps,
-            max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay,
-            adam_b1=self.adam_b1, adam_b2=self.adam_b2, adam_eps=self.adam_eps, append_eos=False,
-            length_buckets=tuple(self.length_buckets), steps_per_chunk=self.steps_per_chunk,
-            microbatches=self.microbatches)
+    lora: Optional[LoraConfig] = SFT_LORA
+    inner: inner.InnerConfig = SFT_INNER
+    seed: int = 42
+
+    @classmethod
+    def from_fields(cls, *, lora: Optional[LoraConfig] = SFT_LORA, seed: int = 42,
+                    **inner_fields) -> "SFTConfig":
+        """SFTConfig from flat fields (a config section): InnerConfig fields override SFT_INNER."""
+        known = {f.name for f in dataclasses.fields(inner.InnerConfig)}
+        unknown = sorted(set(inner_fields) - known)
+        if unknown:
+            raise ValueError(f"unknown SFT field(s) {unknown}; known: lora, seed and the InnerConfig "
+                             f"fields {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in inner_fields.items()}
+        return cls(lora=lora, inner=SFT_INNER.replace(**values), seed=int(seed))
 
 
 def build_sft_candidate(examples: Sequence[Example], *, eos_id: int,
@@ -82,7 +87,7 @@ def build_sft_candidate(examples: Sequence[Example], *, eos_id: int,
         if max_length is not None and len(seq) > max_length:
             raise ValueError(f"example {i}: prompt + completion + EOS is {len(seq)} tokens, longer "
                              f"than the largest length bucket ({max_length}); the reference does not "
-                             f"truncate, so raise SFTConfig.length_buckets")
+                             f"truncate, so raise the SFT length_buckets")
         mask = np.zeros(len(seq), np.float32)
         mask[len(prompt):] = weight
         sequences.append(seq)
@@ -100,15 +105,15 @@ def sft_update(params, examples: Sequence[Example], *, cfg: ModelConfig,
     modified). If training hits a non-finite loss/gradient, the adapter/params from the last finite
     step are used and metrics["failure_reason"] says so.
     """
-    pad_id = eos_id if pad_id is None else pad_id
+    pad_id = eos_id if pad_id is None else pad_id  # the reference's pad = EOS
     candidate, kept = build_sft_candidate(examples, eos_id=eos_id,
-                                          max_length=max(sft_cfg.length_buckets))
+                                          max_length=sft_cfg.inner.max_length)
     metrics = {"examples": len(examples), "examples_used": len(kept), "steps": 0, "losses": [],
                "failed": False, "failure_reason": None,
                "target_tokens": int(sum(float((m > 0).sum()) for m in candidate.loss_masks))}
     if not kept:
         return params, metrics
-    inner_cfg = sft_cfg.inner_config()
+    inner_cfg = sft_cfg.inner
     plan = inner.build_plan([candidate], [{"seed": sft_cfg.seed}], inner_cfg, pad_id=pad_id)
     result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=sft_cfg.lora,
                                     inner_cfg=inner_cfg, mesh=mesh, rules=rules)

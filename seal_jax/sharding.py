@@ -198,21 +198,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def maybe_initialize_distributed(cfg: Any = None) -> bool:
-    """Call `jax.distributed.initialize` for a multi-host run; a no-op on a single host.
+    """Call `jax.distributed.initialize` for a multi-process run; a no-op for one process.
 
-    Multi-host is requested by `cfg.num_processes > 1` (with `coordinator_address` and `process_id`,
-    or left to JAX's cluster auto-detection when those are absent). Returns True if it initialised.
-    Must run before any other JAX call touches the devices.
+    Multi-process is requested by `cfg.num_processes > 1` (with `coordinator_address` and
+    `process_id`, or left to JAX's cluster auto-detection (SLURM, TPU VMs) when those are empty / < 0).
+    Returns True if it initialised. Must run before any other JAX call touches the devices. The
+    launchers in launch/ set these fields; see seal_jax/distributed.py for what changes in the run.
     """
-    num_processes = _cfg_get(cfg, "num_processes")
-    if num_processes is None or int(num_processes) <= 1:
-        return False
-    kwargs = {"num_processes": int(num_processes)}
-    address = _cfg_get(cfg, "coordinator_address")
-    process_id = _cfg_get(cfg, "process_id")
-    if address is not None:
-        kwargs["coordinator_address"] = str(address)
-    if process_id is not None:
-        kwargs["process_id"] = int(process_id)
-    jax.distributed.initialize(**kwargs)
-    return True
+    from seal_jax import distributed
+
+    return distributed.initialize(_cfg_get(cfg, "num_processes"),
+                                  _cfg_get(cfg, "coordinator_address") or None,
+                                  _cfg_get(cfg, "process_id"))

@@ -171,3 +171,71 @@ def test_record_log_corrupt_middle_line_is_an_error(tmp_path):
     path.write_text('{"candidate": 0}\n{"candid\n{"candidate": 2}\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         RecordLog(path).read()
+
+
+def _disk_bytes(path):
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_compact_save_stores_exact_narrow_dtypes_and_restores_bit_identical(tmp_path):
+    rng = np.random.default_rng(0)
+    bf16_exact = np.asarray(rng.normal(size=(64, 64)), np.float32).astype(jnp.bfloat16).astype(np.float32)
+    f16_exact = np.asarray(rng.normal(size=(64, 64)), np.float32).astype(np.float16).astype(np.float32)
+    full = np.asarray(rng.normal(size=(64, 64)), np.float32)  # needs all 24 mantissa bits
+    state = {"a": jnp.asarray(bf16_exact), "b": f16_exact, "c": jnp.asarray(full),
+             "n": np.arange(5, dtype=np.int32), "key": jax.random.key(3)}
+    plain = RunCheckpointer(tmp_path / "plain")
+    plain.save(0, state)
+    compact = RunCheckpointer(tmp_path / "compact")
+    compact.save(0, state, {"round": 1}, compact=True)
+    # a and b are stored in 2 bytes instead of 4; c needs all of float32's mantissa.
+    assert compact._raw_metadata(0)["_stored_dtypes"] == {
+        "['a']": {"stored": "bfloat16", "restore": "float32"},
+        "['b']": {"stored": "float16", "restore": "float32"}}
+    assert _disk_bytes(tmp_path / "compact") < _disk_bytes(tmp_path / "plain")
+    got, meta = compact.restore()
+    assert meta == {"round": 1}  # the reserved dtype record is not handed back
+    _assert_state_equal(got, state)
+    got_t, _ = RunCheckpointer(tmp_path / "compact").restore(target=state)
+    _assert_state_equal(got_t, state)
+    with pytest.raises(ValueError, match="reserved"):
+        compact.save(1, state, {"_stored_dtypes": {}})
+
+
+def test_policy_history_rebuilds_the_policy_bit_identically_from_its_adapters(tmp_path):
+    from random_lora import random_lora
+    from seal_jax.lora import candidate, merge_lora
+    from seal_jax.model.config import LoraConfig
+    from seal_jax.model.presets import get_preset
+    from seal_jax.model.transformer import init_params
+    from seal_jax.checkpoints import PolicyHistory
+
+    cfg = get_preset("tiny-llama")
+    base = init_params(cfg, jax.random.key(0))
+    history, policy = PolicyHistory(), base
+    for i, lora_cfg in enumerate([LoraConfig(rank=4, alpha=8.0, targets=("q", "v")),
+                                  LoraConfig(rank=2, alpha=2.0, targets=("q", "k", "v", "o", "gate", "up", "down"))]):
+        lora = candidate(random_lora(cfg, lora_cfg, 1, seed=i), 0)
+        policy = merge_lora(policy, lora, cfg, lora_cfg)  # what the M-step does
+        history.append(lora, lora_cfg)
+    ckpt = RunCheckpointer(tmp_path / "policy")
+    ckpt.save_policy(2, history, {"round": 2})
+    RunCheckpointer(tmp_path / "full").save(2, policy)
+    assert _disk_bytes(tmp_path / "policy") * 3 < _disk_bytes(tmp_path / "full")
+
+    restored, got_history, meta = RunCheckpointer(tmp_path / "policy").restore_policy(base, cfg)
+    assert meta == {"round": 2} and got_history.lora_cfgs == history.lora_cfgs
+    _assert_state_equal(restored, policy)  # byte for byte
+    RunCheckpointer(tmp_path / "full2").save(0, base)
+    with pytest.raises(ValueError, match="holds no policy history"):
+        RunCheckpointer(tmp_path / "full2").restore_policy(base, cfg)
+
+
+def test_prune_keeps_the_newest_steps(tmp_path):
+    ckpt = RunCheckpointer(tmp_path, max_to_keep=None)
+    for step in range(4):
+        ckpt.save(step, {"x": np.full(3, step)})
+    assert ckpt.prune(keep_last=1) == [0, 1, 2] and ckpt.all_steps() == [3]
+    assert ckpt.prune(keep_last=0) == [3] and ckpt.all_steps() == [] and ckpt.latest_step() is None
+    with pytest.raises(ValueError):
+        ckpt.prune(-1)

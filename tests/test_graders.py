@@ -207,8 +207,15 @@ class ScriptedServer:
                     outer.requests.append({"path": self.path, "body": body,
                                            "auth": self.headers.get("Authorization")})
                     status, text = outer.script(len(outer.requests), body)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}
-                                     if text is not None else {"unexpected": True})
+                if text is None:
+                    reply = {"unexpected": True}
+                elif self.path.endswith("/responses"):  # the Responses API's output items
+                    reply = {"output": [{"type": "reasoning", "summary": []},
+                                        {"type": "message", "role": "assistant",
+                                         "content": [{"type": "output_text", "text": text}]}]}
+                else:
+                    reply = {"choices": [{"message": {"role": "assistant", "content": text}}]}
+                payload = json.dumps(reply)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -231,8 +238,9 @@ class ScriptedServer:
 
 
 def answer_by_content(n, body):
-    student = body["messages"][1]["content"].split("Student answer: ")[1].split("\n")[0]
-    gold = body["messages"][1]["content"].split("Gold answer: ")[1].split("\n")[0]
+    text = body["input"] if "input" in body else body["messages"][-1]["content"]
+    student = text.split("Student answer: ")[1].split("\n")[0]
+    gold = text.split("Gold answer: ")[1].split("\n")[0]
     return 200, ("Yes." if gold.lower() in student.lower() else "No")
 
 
@@ -253,6 +261,73 @@ def test_http_grader_success_and_request_shape(monkeypatch):
     assert req["body"]["model"] == "judge-model" and req["body"]["temperature"] == 0.0
     assert req["body"]["messages"][0]["content"] == G.JUDGE_SYSTEM
     assert f"Question: {Q}\n" in req["body"]["messages"][1]["content"]
+
+
+def test_http_grader_reference_layout_one_user_message_default_temperature():
+    """The reference sent its grading prompt as the whole input: one user message, no temperature or
+    token limit; gold as stored, the answer stripped, the question with its Topic prefix."""
+    item = GradeItem(Q, " Denver Broncos", "  the Denver Broncos \n")
+    expected = G.REFERENCE_GRADE_TEMPLATE.format(question=Q, gold=" Denver Broncos",
+                                                 pred="the Denver Broncos")
+    assert expected.startswith("You are a grading assistant.") and "\n\nQuestion: Topic: " in expected
+    with ScriptedServer(answer_by_content) as srv:
+        grader = G.HttpGrader(srv.url, "gpt-4.1", api_key_env=None, backoff_s=0, prompt="reference",
+                              temperature=None, max_tokens=None)
+        (verdict,) = grader.grade([item])
+        responses = G.HttpGrader(srv.url, "gpt-4.1", api_key_env=None, backoff_s=0, prompt="reference",
+                                 temperature=None, max_tokens=None, api="responses")
+        (verdict_r,) = responses.grade([item])
+    assert verdict.correct is True and verdict_r == Verdict(True, "Yes.", None)
+    chat, resp = srv.requests
+    assert chat["path"] == "/v1/chat/completions"
+    assert chat["body"] == {"model": "gpt-4.1", "messages": [{"role": "user", "content": expected}]}
+    assert resp["path"] == "/v1/responses" and resp["body"] == {"model": "gpt-4.1", "input": expected}
+    # Our rubric over the Responses API goes as a message list; limits are sent when set.
+    body = G.HttpGrader("http://x/v1", "m", api_key_env=None, api="responses").request_body(item)
+    assert [m["role"] for m in body["input"]] == ["system", "user"]
+    assert body["max_output_tokens"] == 16 and body["temperature"] == 0.0  # the API's minimum
+    with pytest.raises(ValueError, match="unknown prompt"):
+        G.HttpGrader("http://x/v1", "m", api_key_env=None, prompt="gpt")
+    with pytest.raises(ValueError, match="unknown api"):
+        G.HttpGrader("http://x/v1", "m", api_key_env=None, api="completions")
+
+
+def test_make_grader_paper_http_defaults():
+    import pathlib
+
+    import ml_collections
+
+    from seal_jax.config import load_config
+
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "knowledge.py")
+    section = load_config(config + ":paper").grader
+    section.http_api_key_env = ""  # a keyless server for the test
+    grader = G.make_grader(section)
+    assert isinstance(grader, G.HttpGrader)
+    assert (grader.prompt, grader.api, grader.temperature, grader.max_tokens) == (
+        "reference", "responses", None, None)
+    assert grader.url == "https://api.openai.com/v1/responses" and grader.model == "gpt-4.1"
+    # The base config keeps the previous behaviour: our rubric, temperature 0, 8 tokens, chat API.
+    base = load_config(config + ":demo").grader
+    base.kind, base.http_api_key_env = "http", ""
+    g = G.make_grader(base)
+    assert (g.prompt, g.api, g.temperature, g.max_tokens) == ("ours", "chat", 0.0, 8)
+    assert isinstance(section, ml_collections.ConfigDict)
+    section.http_api = "completions"
+    with pytest.raises(ValueError, match="grader.http_api must be one of"):
+        G.make_grader(section)
+    base.prompt = "gpt"
+    with pytest.raises(ValueError, match="grader.prompt must be one of"):
+        G.make_grader(base)
+
+
+def test_passage_reward_excludes_ungraded_answers():
+    ok, bad, none = Verdict(True), Verdict(False), Verdict(None, "", "HTTP 503")
+    assert G.passage_reward([ok, bad, none, ok]) == (
+        pytest.approx(2 / 3), {"n_questions": 4, "n_graded": 3, "n_ungraded": 1})
+    assert G.passage_reward([none, none]) == (None, {"n_questions": 2, "n_graded": 0, "n_ungraded": 2})
+    assert G.passage_reward([G.EMPTY_ANSWER, none])[0] == 0.0  # an empty answer is graded (wrong)
+    assert G.passage_reward([]) == (0.0, {"n_questions": 0, "n_graded": 0, "n_ungraded": 0})
 
 
 def test_http_grader_retries_a_500_then_succeeds():
@@ -365,6 +440,18 @@ def test_run_calibration_merges_runs_and_renders(tmp_path):
         C.load_calibration(bad)
 
 
+def test_calibration_names_runs_with_the_reference_prompt():
+    from seal_jax.tasks.knowledge import calibration as C
+
+    c = C.get_config()
+    c.grader.kind = "http"
+    assert C._grader_label(c.grader) == "http(gpt-4.1)"  # earlier runs keep their keys
+    c.grader.prompt = "reference"
+    assert C._grader_label(c.grader) == "http(gpt-4.1, reference prompt)"
+    c.grader.kind = "llm_judge"
+    assert C._grader_label(c.grader) == "llm_judge(embedded, margin>0, reference prompt)"
+
+
 @pytest.mark.slow
 def test_embedded_judge_end_to_end(embedded_model):
     cfg, params, tok = embedded_model
@@ -378,3 +465,16 @@ def test_embedded_judge_end_to_end(embedded_model):
     verdicts = judge.grade(items)
     assert all(isinstance(v.correct, bool) and np.isfinite(v.score) for v in verdicts)
     assert verdicts == judge.grade(items)
+
+
+def test_local_judge_reference_prompt(tiny_judge_model):
+    cfg, params, tok = tiny_judge_model
+    item = GradeItem(Q, "Denver Broncos", " The Denver Broncos. ")
+    judge = G.LocalJudgeGrader(cfg, params, tok, prompt="reference")
+    user = G.REFERENCE_JUDGE_USER.format(question=Q, gold="Denver Broncos", pred="The Denver Broncos.")
+    assert judge.prompt(item) == tok.apply_chat_template(
+        [{"role": "system", "content": G.REFERENCE_JUDGE_SYSTEM}, {"role": "user", "content": user}])
+    plain = G.LocalJudgeGrader(cfg, params, tok, prompt="reference", use_chat_template=False)
+    assert plain.prompt(item) == G.reference_grade_prompt(item) + "\nReply:"
+    with pytest.raises(ValueError, match="unknown grader prompt"):
+        G.LocalJudgeGrader(cfg, params, tok, prompt="gpt")

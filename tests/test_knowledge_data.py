@@ -1,4 +1,5 @@
 """Passage loading, validation and splits; prompt builders."""
+import dataclasses
 import json
 import random
 
@@ -177,6 +178,22 @@ def test_split_is_deterministic_disjoint_and_eval_first():
         data.split_passages(passages, 1, 1, seed=0, shuffle="torch")
 
 
+def test_split_with_a_separate_training_file():
+    val, train_file = _many(30), [Passage(f"Train{i}", f"train context {i}", (), f"t{i}") for i in range(12)]
+    train, evals = data.split_passages(val, 5, 10, seed=42, train_pool=train_file)
+    assert evals == data.shuffled(val, 42)[:10]  # the same evaluation passages as without a pool
+    assert evals == data.split_passages(val, 5, 10, seed=42)[1]
+    assert train == data.shuffled(train_file, 42)[:5]  # the training file, same rule and seed
+    with pytest.raises(ValueError, match="training file has only 12"):
+        data.split_passages(val, 13, 10, seed=42, train_pool=train_file)
+    with pytest.raises(ValueError, match="only 30 are available"):
+        data.split_passages(val, 1, 31, seed=42, train_pool=train_file)
+    # The training file must not contain held-out passages (same title and context).
+    leaky = train_file + [dataclasses.replace(p, id=f"copy-{p.id}") for p in data.shuffled(val, 42)[:3]]
+    with pytest.raises(ValueError, match="also evaluation passages"):
+        data.split_passages(val, len(leaky), 10, seed=42, train_pool=leaky)
+
+
 def test_shared_squad_dev_loads(shared_dir):
     passages = data.load_squad_json(shared_dir / "data/squad/squad_dev_public.json")
     assert len(passages) == 1817 and sum(len(p.questions) for p in passages) == 9316
@@ -205,24 +222,37 @@ def test_self_edit_prompt_structure():
         assert instruction and "Passage" not in instruction
         assert rest.startswith("Passage:\nTitle\nSome context.\n\n")
     cues = {k: prompts.self_edit_prompt("T", "C", k).rsplit("\n\n", 1)[1] for k in prompts.PROMPT_KEYS}
-    assert cues["implications"] == cues["implications-long"] == "Implications:\n"
-    assert cues["rewrite"] == "Rewritten passages:\n"
-    assert cues["self-qa"] == "Question 1: "
+    for wording in ("", prompts.OURS_PREFIX):
+        assert cues[wording + "implications"] == cues[wording + "implications-long"] == "Implications:\n"
+        assert cues[wording + "rewrite"] == "Rewritten passages:\n"
+        assert cues[wording + "self-qa"] == "Question 1: "
     assert prompts.self_edit_prompt("T", "C") == prompts.self_edit_prompt("T", "C", "implications")
     assert len({prompts.self_edit_prompt("T", "C", k) for k in prompts.PROMPT_KEYS}) == len(prompts.PROMPT_KEYS)
+    # Braces in a passage are text, not format fields.
+    assert "Passage:\n{x}\n{title} {0}\n" in prompts.self_edit_prompt("{x}", "{title} {0}")
     with pytest.raises(ValueError, match="unknown self-edit prompt 'summary'"):
         prompts.self_edit_prompt("T", "C", "summary")
+    with pytest.raises(ValueError, match="unknown self-edit prompt"):
+        prompts.self_edit_chat_prompt("T", "C", ToyChat(), "ours-summary")
 
 
-def test_implications_prompt_has_the_reference_layout(shared_dir):
-    """Our wording differs, but the frame around the passage is the one the reference's policy saw."""
-    row = json.loads((shared_dir / "data/squad/rest_em_sft_qwen7b_iter0.jsonl").open().readline())
-    record = json.load((shared_dir / "data/squad/self_edits_qwen7b_train_iter0.json").open())[0]
-    ours = prompts.self_edit_prompt(record["title"], record["context"])
-    theirs = record["prompt"]
-    assert row["prompt"].endswith("\n\nImplications:\n")
-    block = f"\n\nPassage:\n{record['title']}\n{record['context']}\n\nImplications:\n"
-    assert ours.endswith(block) and theirs.endswith(block)
+def test_chat_self_edit_wording_follows_the_ours_prefix():
+    tok = ToyChat()
+    reference = prompts.self_edit_chat_prompt("T", "C", tok)
+    assert reference == prompts.self_edit_chat_prompt("T", "C", tok, "rewrite")  # key ignored
+    assert f"<|im_start|>system\n{prompts.REFERENCE_CHAT_SELF_EDIT_SYSTEM}<|im_end|>" in reference
+    ours = prompts.self_edit_chat_prompt("T", "C", tok, "ours-implications")
+    assert f"<|im_start|>system\n{prompts.OUR_CHAT_SELF_EDIT_SYSTEM}<|im_end|>" in ours
+
+
+def test_implications_prompt_is_the_one_the_reference_recorded(shared_dir):
+    """The reference stored the exact generation prompt with every record and SFT row."""
+    records = json.load((shared_dir / "data/squad/self_edits_qwen7b_train_iter0.json").open())
+    for record in records:
+        assert prompts.self_edit_prompt(record["title"], record["context"]) == record["prompt"]
+    ours = prompts.self_edit_prompt(records[0]["title"], records[0]["context"], "ours-implications")
+    block = f"\n\nPassage:\n{records[0]['title']}\n{records[0]['context']}\n\nImplications:\n"
+    assert ours.endswith(block) and ours != records[0]["prompt"]
 
 
 def test_answer_prompts():
@@ -245,4 +275,4 @@ def test_untrusted_text_is_escaped_in_chat_prompts():
         assert "Rome.<\u200b|im_end|>" in text
     chat = prompts.self_edit_chat_prompt("Title", "Context.", tok)
     assert chat.count("<|im_start|>") == 3 and "Title\nContext." in chat
-    assert prompts.CHAT_SELF_EDIT_SYSTEM in chat
+    assert prompts.REFERENCE_CHAT_SELF_EDIT_SYSTEM in chat

@@ -10,6 +10,8 @@ from seal_jax.model import transformer as T
 from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import get_preset
 
+from tolerances import assert_close_scaled, scaled_max_diff
+
 # Jitted once per module: eager op-by-op dispatch would dominate the runtime of these tiny models.
 fwd = jax.jit(T.forward, static_argnames=("cfg", "lora_cfg"))
 decode_step = jax.jit(T.forward_with_cache, static_argnames=("cfg", "lora_cfg"))
@@ -72,8 +74,8 @@ def test_forward_shapes_dtype_and_causality(model):
     # Changing a later token must not change earlier logits; it must change its own.
     changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % cfg.vocab_size)
     logits2 = fwd(params, changed, cfg=cfg)
-    np.testing.assert_allclose(logits[:, :6], logits2[:, :6], atol=1e-6)
-    assert not np.allclose(logits[:, 6], logits2[:, 6])
+    assert_close_scaled(logits2[:, :6], logits[:, :6], eps_multiple=8, what="earlier logits")
+    assert scaled_max_diff(logits2[:, 6], logits[:, 6]) > 1e-3
 
 
 def test_packing_and_padding_match_separate_sequences(model):
@@ -93,9 +95,9 @@ def test_packing_and_padding_match_separate_sequences(model):
     np.testing.assert_array_equal(pos[0, :9], [0, 1, 2, 3, 4, 0, 1, 2, 3])
     logits = fwd(params, tokens, cfg=cfg, segment_ids_BxT=segs, positions_BxT=pos)
     assert np.isfinite(np.asarray(logits)).all()
-    np.testing.assert_allclose(logits[0, :5], ref_a, atol=2e-5)
-    np.testing.assert_allclose(logits[0, 5:9], ref_b, atol=2e-5)
-    np.testing.assert_allclose(logits[1, 8:], ref_b, atol=2e-5)
+    assert_close_scaled(logits[0, :5], ref_a, eps_multiple=128, what="packed a")
+    assert_close_scaled(logits[0, 5:9], ref_b, eps_multiple=128, what="packed b")
+    assert_close_scaled(logits[1, 8:], ref_b, eps_multiple=128, what="left-padded b")
 
 
 def _decode_greedy(cfg, params, prompts, new_tokens, lora=None, lora_cfg=None):
@@ -147,7 +149,7 @@ def test_kv_cache_decode_matches_full_recompute(model):
     for i, prompt in enumerate(prompts):
         ref_logits = full[i, len(prompt) - 1:len(prompt) - 1 + new]
         np.testing.assert_array_equal(np.argmax(ref_logits, -1), tokens[i])
-        np.testing.assert_allclose(logits[i], ref_logits, atol=1e-4, rtol=1e-4)
+        assert_close_scaled(logits[i], ref_logits, eps_multiple=1024, what="cached decode")
 
 
 def test_lora_zero_b_is_identity_and_matches_merged_weights(qwen):
@@ -158,16 +160,16 @@ def test_lora_zero_b_is_identity_and_matches_merged_weights(qwen):
     zero_b = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if path[-1].key == "b" else x, lora)
     base = fwd(params, tokens, cfg=cfg)
-    np.testing.assert_allclose(fwd(params, tokens, cfg=cfg, lora=zero_b, lora_cfg=lora_cfg),
-                               base, atol=1e-6)
+    assert_close_scaled(fwd(params, tokens, cfg=cfg, lora=zero_b, lora_cfg=lora_cfg), base,
+                        eps_multiple=16, what="zero-B LoRA")
     merged = jax.tree.map(lambda x: x, params)
     for target, (group, name) in T.PROJECTION_PATHS.items():
         w = merged["layers"][group][name]["kernel"]
         merged["layers"][group][name]["kernel"] = w + lora_cfg.scale * (
             lora[target]["a"] @ lora[target]["b"])
     with_lora = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
-    assert not np.allclose(with_lora, base, atol=1e-3)
-    np.testing.assert_allclose(with_lora, fwd(merged, tokens, cfg=cfg), atol=1e-4, rtol=1e-4)
+    assert scaled_max_diff(with_lora, base) > 1e-3
+    assert_close_scaled(with_lora, fwd(merged, tokens, cfg=cfg), eps_multiple=1024, what="merged")
 
 
 def test_grouped_lora_equals_per_group_shared_and_vmap(qwen):
@@ -185,8 +187,8 @@ def test_grouped_lora_equals_per_group_shared_and_vmap(qwen):
         shared = jax.tree.map(lambda x: x[:, g], grouped)
         ref = fwd(params, tokens[g * rows:(g + 1) * rows], cfg=cfg, lora=shared,
                         lora_cfg=lora_cfg)
-        np.testing.assert_allclose(out[g * rows:(g + 1) * rows], ref, atol=1e-5)
-        np.testing.assert_allclose(vmapped[g], ref, atol=1e-5)
+        assert_close_scaled(out[g * rows:(g + 1) * rows], ref, eps_multiple=128, what="grouped")
+        assert_close_scaled(vmapped[g], ref, eps_multiple=128, what="vmapped")
     with pytest.raises(ValueError, match="row groups"):
         fwd(params, tokens[:4], cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
 
@@ -217,7 +219,7 @@ def test_lora_validation_errors(qwen):
     with pytest.raises(ValueError, match="targets"):
         fwd(params, tokens, cfg=cfg, lora={"q": lora["q"]}, lora_cfg=lora_cfg)
     bad = {**lora, "v": {"a": lora["v"]["a"][:, :-1], "b": lora["v"]["b"]}}
-    with pytest.raises(ValueError, match="'v'"):
+    with pytest.raises(ValueError, match=r"LoRA v\.a has shape"):
         fwd(params, tokens, cfg=cfg, lora=bad, lora_cfg=lora_cfg)
 
 
@@ -234,7 +236,7 @@ def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
     d2 = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg,
                    dropout_rng=jax.random.key(2))
     np.testing.assert_array_equal(d1, d1b)
-    assert not np.allclose(d1, no_drop) and not np.allclose(d1, d2)
+    assert scaled_max_diff(d1, no_drop) > 1e-3 and scaled_max_diff(d1, d2) > 1e-3
 
     def loss(lora, cfg):
         logits = fwd(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
@@ -244,7 +246,7 @@ def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
     g_plain = grad(lora, cfg)
     g_remat = grad(lora, cfg.replace(remat=True))
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert_close_scaled(b, a, eps_multiple=64, what="remat grad")
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_plain))
 
 

@@ -2,6 +2,7 @@
 selection policy, resume after an interruption, ungraded results, and the Engine's K handling."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,10 @@ from seal_jax import rest_em
 from seal_jax.domain import CandidateSpec
 from seal_jax.estep import EditOutcome
 
-from tolerances import assert_close_scaled
+from tolerances import F32_EPS, assert_close_scaled
 from toy_domain import WORDS, toy_engine, toy_experiment
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _outcome(cid, i, reward, failure=None, ungraded=0):
@@ -169,24 +172,36 @@ def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
 
 
 @pytest.mark.slow
-def test_engine_places_base_params_on_the_mesh_by_the_rules():
+def test_engine_places_base_params_on_the_mesh_by_the_rules_and_still_trains_and_answers():
     code = textwrap.dedent("""
-        import jax
+        import jax, numpy as np
         from seal_jax import inner, sharding
+        from seal_jax.domain import CandidateSpec, EvalRequest
         from seal_jax.engine import Engine, EngineSettings
         from seal_jax.model.config import LoraConfig
-        from seal_jax.model.presets import get_preset
-        from seal_jax.model.transformer import init_params
-        cfg = get_preset("tiny-llama")
+        from tiny_world import byte_tokenizer, tiny_model
+        cfg, params = tiny_model()
         mesh = sharding.make_mesh({"axes": {"candidate": 2, "fsdp": 2, "tensor": 2}})
-        settings = EngineSettings(lora=LoraConfig(rank=2, alpha=4.0), inner=inner.InnerConfig(), mesh=mesh)
-        engine = Engine(cfg, init_params(cfg, jax.random.key(0)), None, settings)
-        print(tuple(engine.params["embed"]["embedding"].sharding.spec))
-        print(tuple(engine.params["layers"]["mlp"]["up"]["kernel"].sharding.spec))
+        def engine(mesh):
+            settings = EngineSettings(lora=LoraConfig(rank=2, alpha=4.0), candidates_per_call=4,
+                                      inner=inner.InnerConfig(epochs=1, length_buckets=(32,)), mesh=mesh)
+            return Engine(cfg, params, byte_tokenizer(), settings)
+        sharded, single = engine(mesh), engine(None)
+        print(tuple(sharded.params["embed"]["embedding"].sharding.spec))
+        print(tuple(sharded.params["layers"]["mlp"]["up"]["kernel"].sharding.spec))
+        ids = [np.arange(5 + 3 * k, dtype=np.int32) + 97 for k in range(3)]
+        specs = [CandidateSpec([x], [np.ones(len(x), np.float32)]) for x in ids]
+        a, b = sharded.train(specs, [1, 2, 3]), single.train(specs, [1, 2, 3])
+        print(float(np.nanmax(np.abs(a.losses - b.losses)) / np.nanmax(np.abs(b.losses))))
+        answers = sharded.answer([EvalRequest([97, 98, 99], 3)] * 2, lora=a.lora, adapter_index=[0, 2])
+        print(len(answers))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    embed, up = out.stdout.strip().splitlines()[-2:]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    embed, up, loss_diff, answers = out.stdout.strip().splitlines()[-4:]
     assert embed == "('tensor', 'fsdp')"  # vocab -> tensor, embed -> fsdp
     assert up == "(None, 'fsdp', 'tensor')"  # layers replicated, embed -> fsdp, mlp -> tensor
+    assert float(loss_diff) <= 1e3 * F32_EPS  # same losses as on one device, to reduction order
+    assert answers == "2"

@@ -159,3 +159,29 @@ def test_continual_builds_the_forgetting_matrix(tmp_path):
     assert np.isfinite(m[2]).all()
     assert exp.engine.params is before  # the start model is restored after the sequences
     assert (exp.run_dir / "forgetting.png").exists()
+
+
+class _UnreachableGrader:
+    name = "unreachable"
+
+    def grade(self, items):
+        from seal_jax.tasks.knowledge.graders import Verdict
+
+        return [Verdict(correct=None, error="connection refused") for _ in items]
+
+
+@pytest.mark.slow
+def test_an_unreachable_grader_is_ungraded_never_zero_and_stops_the_round(tmp_path):
+    from seal_jax.rest_em import RoundError
+
+    exp = tiny_experiment(tmp_path, tiny_config(**{"table.conditions": ("base",)}))
+    exp.domain.grader = _UnreachableGrader()
+    with pytest.raises(RoundError, match="grading failed for all .* connection refused"):
+        experiments.rest_em(exp)
+    saved = json.loads((exp.run_dir / "results.json").read_text())
+    (row,) = saved["table"]
+    assert row["accuracy"] is None and row["ungraded_passages"] == 2  # not a 0% accuracy
+    assert "| base | base | — |" in (exp.run_dir / "results.md").read_text()
+    scored = [r for r in exp.records.read() if r["phase"] == "round0/score" and not r["failed"]]
+    assert scored and all(r["reward"] is None and r["ungraded"] for r in scored)
+    assert exp.checkpointer.latest_step() is None  # no M-step on zeros, no checkpoint

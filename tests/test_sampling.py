@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seal_jax import decode
+from seal_jax import sampling as sampling_module
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import get_preset
@@ -242,3 +244,136 @@ def test_embedded_model_generates_text(embedded_model):
     assert gen.token_ids == full_recompute_greedy(params, prompt, len(gen.token_ids), cfg)
     assert gen.text == tokenizer.decode(gen.token_ids, skip_special=True)
     assert len(gen.token_ids) == 8 or gen.finish_reason == "stop"
+
+
+def sorted_nucleus_mask(logits_BxV, top_p_B):
+    """Reference: a full stable descending sort; keep while the mass before a token is < top_p."""
+    logits = np.asarray(logits_BxV, np.float64)
+    keep = np.zeros(logits.shape, bool)
+    for b, (row, top_p) in enumerate(zip(logits, top_p_B)):
+        order = np.argsort(-row, kind="stable")
+        probs = np.exp(row[order] - row.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        keep[b, order] = (before < top_p) | (np.arange(len(row)) == 0) | (top_p >= 1.0)
+    return keep
+
+
+def test_nucleus_mask_equals_full_sort_including_ties():
+    rng = np.random.default_rng(0)
+    rows = []
+    # Continuous logits, and logits from a few values (large tie groups cut by top_p).
+    rows += [rng.normal(0, 2, 64) for _ in range(6)]
+    rows += [rng.integers(0, 3, 64).astype(np.float64) for _ in range(6)]
+    top_p = list(rng.uniform(0.05, 0.99, len(rows)))
+    # Exact by construction: 64 equal probabilities of 1/64; one dominant token; top_p extremes.
+    rows += [np.zeros(64), np.r_[5.0, np.zeros(63)], rows[0], rows[6]]
+    top_p = np.array(top_p + [0.5, 0.5, 1e-6, 1.0])
+    logits = np.stack(rows).astype(np.float32)
+    want = sorted_nucleus_mask(logits, top_p)
+    # A random boundary within float32 rounding of top_p could go either way in either
+    # implementation.
+    for row, p in zip(logits[:12], top_p[:12]):
+        probs = np.sort(np.exp(row - row.max()) / np.exp(row - row.max()).sum())[::-1]
+        assert np.min(np.abs(np.cumsum(probs) - p)) > 1e-5, "test data sits on a boundary"
+    got = np.asarray(decode.nucleus_mask(jnp.asarray(logits), jnp.asarray(top_p, jnp.float32)))
+    np.testing.assert_array_equal(got, want)
+    assert want[12].sum() == 32 and want[13].sum() == 1 and want[14].sum() == 1 and want[15].all()
+
+
+def test_nucleus_sampling_draws_the_same_token_as_the_sorted_definition():
+    rng = np.random.default_rng(1)
+    batch, vocab = 16, 97
+    logits = jnp.asarray(rng.normal(0, 3, (batch, vocab)), jnp.float32)
+    temperature = jnp.asarray(rng.uniform(0.5, 1.5, batch), jnp.float32)
+    top_p = jnp.asarray(rng.uniform(0.2, 0.95, batch), jnp.float32)
+    seed = jnp.arange(batch, dtype=jnp.uint32) * 7
+    request, step = jnp.arange(batch, dtype=jnp.uint32), jnp.full(batch, 3, jnp.uint32)
+    scaled = np.asarray(logits / temperature[:, None])
+    keep = sorted_nucleus_mask(scaled, np.asarray(top_p))
+    for draw in range(5):  # five independent draws per row
+        got = decode.pick_tokens(logits, seed + draw, request, step, temperature, top_p,
+                                 stochastic=True, nucleus=True)
+        keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(int(s) + draw), int(r)), 3)
+                for s, r in zip(seed, request)]
+        want = [int(jax.random.categorical(k, jnp.where(keep[b], scaled[b], -jnp.inf)))
+                for b, k in enumerate(keys)]
+        assert np.asarray(got).tolist() == want
+        assert all(keep[b, t] for b, t in enumerate(want))
+
+
+def ragged_requests(cfg, n=11, seed=12):
+    rng = np.random.default_rng(seed)
+    prompts = random_prompts(cfg, rng.integers(1, 20, n).tolist(), seed=seed)
+    max_new = rng.integers(1, 40, n).tolist()
+    return prompts, max_new
+
+
+def test_refill_gives_the_same_outputs_as_whole_batches(llama):
+    cfg, params = llama
+    prompts, max_new = ragged_requests(cfg)
+    # Even rows greedy, odd rows nucleus-sampled: both must be independent of batching.
+    sampling = [SamplingParams(temperature=float(i % 2), top_p=0.9, max_new_tokens=m, stop_ids=(),
+                               seed=5) for i, m in enumerate(max_new)]
+    refilled = generate(params, prompts, cfg=cfg, sampling=sampling, batch_size=4)
+    batches = generate(params, prompts, cfg=cfg, sampling=sampling, batch_size=4, refill=False)
+    assert [len(g.token_ids) for g in refilled] == max_new  # each row's own max_new_tokens
+    assert [g.token_ids for g in refilled] == [g.token_ids for g in batches]
+    for i in (0, 6):
+        assert refilled[i].token_ids == full_recompute_greedy(params, prompts[i], max_new[i], cfg)
+    hot = [dataclasses.replace(sp, seed=6) for sp in sampling]
+    other = generate(params, prompts, cfg=cfg, sampling=hot, batch_size=4)
+    assert all(a.token_ids != b.token_ids for a, b in zip(refilled[1::2], other[1::2]) if len(a.token_ids) > 3)
+
+
+def test_refill_with_stops_and_adapter_groups_switching(llama):
+    cfg, params = llama
+    prompts, max_new = ragged_requests(cfg, n=9, seed=3)
+    lora = random_lora(cfg, LORA_CFG, 3, seed=4)
+    adapter_index = [0, 0, 0, 0, 0, 1, 2, 2, 1]
+    free = generate(params, prompts, cfg=cfg, sampling=NO_STOP, lora=lora, lora_cfg=LORA_CFG,
+                    adapter_index=adapter_index, batch_size=16)
+    # Each row stops at the token it emits at step 2 (or never, for rows stopped by max_new).
+    stop_at = [g.token_ids[2] for g in free]
+    sampling = [SamplingParams(max_new_tokens=m, stop_ids=(s,)) for m, s in zip(max_new, stop_at)]
+    # batch_size 2: groups of two rows; a group moves to another adapter once its queue is empty.
+    got = generate(params, prompts, cfg=cfg, sampling=sampling, lora=lora, lora_cfg=LORA_CFG,
+                   adapter_index=adapter_index, batch_size=2)
+    for g, f, m, s in zip(got, free, max_new, stop_at):
+        cut = f.token_ids[: f.token_ids.index(s)]
+        if len(cut) < m:
+            assert (g.token_ids, g.finish_reason, g.stop_token) == (cut, "stop", s)
+        else:
+            assert (g.token_ids, g.finish_reason) == (f.token_ids[:m], "length")
+
+
+@pytest.mark.slow
+def test_cache_grows_and_shrinks_between_segments(llama, monkeypatch):
+    cfg, params = llama
+    monkeypatch.setattr(sampling_module, "CAPACITY_HORIZON", 8)
+    # Admitted in prompt-length order on two rows: row A runs the 150-token request while row B
+    # runs 100 tokens and then short requests, which outlive A (the cache then shrinks).
+    prompts = random_prompts(cfg, [2, 3, 4, 5, 6, 7, 8], seed=7)
+    max_new = [150, 100, 20, 20, 20, 20, 20]
+    sampling = [SamplingParams(max_new_tokens=m, stop_ids=()) for m in max_new]
+    resized = []
+    real_resize = decode.resize
+    monkeypatch.setattr(decode, "resize", lambda state, capacity: resized.append(capacity)
+                        or real_resize(state, capacity=capacity))
+    got = generate(params, prompts, cfg=cfg, sampling=sampling, batch_size=2)
+    assert max(resized) >= 152 and resized[-1] <= 64, resized
+    monkeypatch.undo()
+    assert [len(g.token_ids) for g in got] == max_new
+    want = generate(params, prompts, cfg=cfg, sampling=sampling, batch_size=2, refill=False)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert got[0].token_ids == full_recompute_greedy(params, prompts[0], 150, cfg, width=160)
+
+
+def test_gpu_only_attention_falls_back_off_gpu(llama):
+    cfg, params = llama
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN attention is the real path on GPU")
+    prompts = random_prompts(cfg, [5, 9], seed=10)
+    want = generate(params, prompts, cfg=cfg, sampling=NO_STOP)
+    got = generate(params, prompts, cfg=cfg.replace(attention_impl="cudnn"), sampling=NO_STOP)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]

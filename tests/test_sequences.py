@@ -49,18 +49,20 @@ def test_triple_dash_segments():
         f"{T}\nRewrite one.", f"{T}\nRewrite two,\nline two.", PASSAGE]
     assert build_train_sequences(completion, T, C) == [
         f"{T}\nRewrite one.", f"{T}\nRewrite two,", f"{T}\nline two.", PASSAGE]
-    # The preamble rule applies within each segment.
+    # The preamble rule looks at the lines of all segments together, once (reference), not per segment.
     assert build_train_sequences("A\nB\n---\nIntro:\n1. x", T, C) == [
-        f"{T}\nA", f"{T}\nB", f"{T}\n1. x", PASSAGE]
+        f"{T}\nA", f"{T}\nB", f"{T}\nIntro:", f"{T}\n1. x", PASSAGE]
+    assert build_train_sequences("Intro:\n---\n1. x\n2. y", T, C) == [f"{T}\n1. x", f"{T}\n2. y", PASSAGE]
 
 
 def test_self_qa_split_per_pair_with_question_1_prefix():
     # The self-QA prompt ends with "Question 1: ", so the completion starts inside the first question.
     completion = ("Who wrote it?\nAnswer: Ann.\nQuestion 2: When?\nAnswer: 1990.\n\n"
                   "Question 3: Where?\nAnswer: Rome.")
+    # Pieces are not stripped: the blank line before question 3 leaves a trailing newline (reference).
     assert build_train_sequences(completion, T, C) == [
         f"{T}\nQuestion 1: Who wrote it?\nAnswer: Ann.",
-        f"{T}\nQuestion 2: When?\nAnswer: 1990.",
+        f"{T}\nQuestion 2: When?\nAnswer: 1990.\n",
         f"{T}\nQuestion 3: Where?\nAnswer: Rome.",
         PASSAGE]
     already = "Question 1: Who?\nAnswer: Ann.\nQuestion 2: When?\nAnswer: 1990."
@@ -72,8 +74,32 @@ def test_self_qa_split_per_pair_with_question_1_prefix():
     # Without "Answer:" it is not self-QA: plain line split.
     assert build_train_sequences("Question 2: a\nQuestion 3: b", T, C) == [
         f"{T}\nQuestion 2: a", f"{T}\nQuestion 3: b", PASSAGE]
+    # Any "Question" start counts as already prefixed: no "Question 1: Question: ..." (reference).
+    assert build_train_sequences("Question: Who?\nAnswer: Ann.\nQuestion 2: When?\nAnswer: 1990.",
+                                 T, C)[0] == f"{T}\nQuestion: Who?\nAnswer: Ann."
+    # Self-QA is decided on the whole completion and ignores "---" segments; "Answer :" counts too.
+    assert build_train_sequences("Who?\nAnswer : Ann.\n---\nQuestion 2: When?\nAnswer: 1990.", T, C) == [
+        f"{T}\nQuestion 1: Who?\nAnswer : Ann.\n---", f"{T}\nQuestion 2: When?\nAnswer: 1990.", PASSAGE]
     # A single QA pair has no "Question <n>:" header in the completion: line split, as the reference.
     assert build_train_sequences("Who?\nAnswer: Ann.", T, C) == [f"{T}\nWho?", f"{T}\nAnswer: Ann.", PASSAGE]
+
+
+def test_lines_split_like_str_splitlines_and_context_is_stripped():
+    # str.splitlines() also breaks at \r, \u2028, \x0c ...; split("\n") would keep these lines whole.
+    assert build_train_sequences("A.\rB.\u2028C.\x0cD.", T, C) == [
+        f"{T}\nA.", f"{T}\nB.", f"{T}\nC.", f"{T}\nD.", PASSAGE]
+    # The appended passage is "{title}\n{context.strip()}"; the title is used as given.
+    assert build_train_sequences("A.", " T ", "  ctx \n") == [" T \nA.", " T \nctx"]
+
+
+def test_first_usable_self_edit():
+    edits = ["", "  \n", "!!! 42", "Paris is in France.", "Later."]
+    assert S.first_usable_self_edit(edits, "nonempty") == 2  # the reference: first non-empty
+    assert S.first_usable_self_edit(edits, "usable") == 3  # also skips word-less junk
+    assert S.first_usable_self_edit(["<|im_end|>junk", "A fact."]) == 1
+    assert S.first_usable_self_edit(["", " "]) is None and S.first_usable_self_edit([]) is None
+    with pytest.raises(ValueError, match="fallback rule"):
+        S.first_usable_self_edit(edits, "first")
 
 
 def test_reference_counts_on_shared_self_edits(shared_dir):

@@ -11,8 +11,9 @@ from seal_jax.model.presets import get_preset
 
 CFG = get_preset("tiny-llama")
 EOS = 2
-SFT = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=LORA_TARGETS), learning_rate=1e-2,
-                    epochs=3, batch_size=2, microbatches=2, length_buckets=(64,), steps_per_chunk=8)
+SFT = sft.SFTConfig.from_fields(lora=LoraConfig(rank=4, alpha=8.0, targets=LORA_TARGETS),
+                                learning_rate=1e-2, epochs=3, batch_size=2, microbatches=2,
+                                length_buckets=(64,), steps_per_chunk=8)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,13 @@ def _mean_logprob(params, examples):
         target[len(prompt): len(seq)] = 1
         total += float(_completion_logprob(params, tokens, target))
     return total / len(examples)
+
+
+def test_config_holds_inner_config_and_names_unknown_fields():
+    assert SFT.inner.batch_size == 2 and SFT.inner.learning_rate == 1e-2
+    assert sft.SFTConfig().inner == sft.SFT_INNER and sft.SFT_INNER.learning_rate == 3e-4
+    with pytest.raises(ValueError, match="learning_rat"):
+        sft.SFTConfig.from_fields(learning_rat=1e-3)
 
 
 def test_candidate_masks_prompt_and_appends_eos():
@@ -89,7 +97,7 @@ def test_lora_sft_raises_completion_likelihood_and_ignores_weight_zero(params):
 
 def test_full_finetune_option(params):
     examples = _examples(2)
-    cfg = SFT.__class__(**{**SFT.__dict__, "lora": None, "learning_rate": 3e-3})
+    cfg = sft.SFTConfig(lora=None, inner=SFT.inner.replace(learning_rate=3e-3), seed=SFT.seed)
     before = _mean_logprob(params, examples)
     new_params, metrics = sft.sft_update(params, examples, cfg=CFG, sft_cfg=cfg, eos_id=EOS)
     assert metrics["steps"] == 6 and not metrics["failed"]

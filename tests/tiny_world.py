@@ -82,8 +82,9 @@ def tiny_experiment(run_dir: pathlib.Path, config=None, *, n_train=2, n_eval=2) 
     domain = KnowledgeDomain(tok, LexicalGrader(), KnowledgeSettings(
         chat=True, max_sequence_tokens=400, answer_max_new_tokens=int(c.eval.max_new_tokens)))
     passages = load_embedded_corpus()
-    sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")), batch_size=2,
-                            microbatches=1, epochs=1, length_buckets=(512, 1024, 2048))
+    sft_cfg = sft.SFTConfig.from_fields(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")),
+                                        batch_size=2, microbatches=1, epochs=1,
+                                        length_buckets=(512, 1024, 2048))
 
     def m_step(params, examples):
         return sft.sft_update(params, examples, cfg=cfg, sft_cfg=sft_cfg, eos_id=tok.eos_id)

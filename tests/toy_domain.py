@@ -81,8 +81,9 @@ def toy_experiment(run_dir: pathlib.Path, *, rounds: int = 2, selection: str = "
                    ungraded: Sequence[str] = (), success_threshold: float = 0.5,
                    engine: Engine | None = None, save_adapters: bool = False) -> Experiment:
     engine = engine or toy_engine()
-    sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")), batch_size=2,
-                            microbatches=1, epochs=1, learning_rate=1e-2, length_buckets=(64, 128))
+    sft_cfg = sft.SFTConfig.from_fields(lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v")),
+                                        batch_size=2, microbatches=1, epochs=1, learning_rate=1e-2,
+                                        length_buckets=(64, 128))
 
     def m_step(params, examples):
         return sft.sft_update(params, examples, cfg=engine.cfg, sft_cfg=sft_cfg, eos_id=engine.eos_id)

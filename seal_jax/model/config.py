@@ -47,8 +47,9 @@ class ModelConfig:
     # Layers per iteration of the layer scan. 1 keeps compile time flat in depth; larger values let
     # XLA address each layer's weights directly instead of slicing them out of the stacked arrays.
     scan_unroll: int = 1
-    # Attention implementation: "xla" (plain einsum softmax, runs everywhere) or "cudnn"
-    # (jax.nn.dot_product_attention fused kernel; GPU only, bf16/fp16 only).
+    # Attention implementation: "xla" (plain einsum softmax, runs everywhere), "cudnn"
+    # (jax.nn.dot_product_attention's fused kernel on CUDA; XLA on other backends) or "auto" (cuDNN
+    # on CUDA where its shape constraints hold, else XLA); see transformer.select_attention_impl.
     attention_impl: str = "xla"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None

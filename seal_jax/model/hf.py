@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from seal_jax.errors import UserError
 from seal_jax.model.config import ModelConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -24,7 +25,7 @@ _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
 _PROJ_KERNELS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):  # a user error: the CLI prints one line
     """A checkpoint cannot be read; the message names the offending file or tensor."""
 
 
@@ -276,7 +277,10 @@ def load_hf_checkpoint(path, *, param_dtype: Optional[str] = None):
         hf = json.loads(config_path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-    cfg = config_from_hf(hf, param_dtype=param_dtype)
+    try:
+        cfg = config_from_hf(hf, param_dtype=param_dtype)
+    except KeyError as e:  # a field every HF config of a supported architecture has
+        raise CheckpointError(f"{config_path}: missing field {e.args[0]!r}") from None
     files = _weight_files(path)
     handles = {}
 

@@ -200,3 +200,15 @@ def _compile_template(source: str):
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         _TEMPLATE_CACHE[source] = env.from_string(source)
     return _TEMPLATE_CACHE[source]
+
+
+def resolve_pad_id(tokenizer: Optional["Tokenizer"], cfg) -> int:
+    """The one pad id of the engine (training buffers, decode rows, scoring rows): the tokenizer's
+    pad (its EOS unless it defines one, as the reference sets pad = EOS), else the model config's
+    pad, else its EOS, else 0. Padding is masked everywhere except in reference-faithful training,
+    where pad positions are EOS targets, which is why the tokenizer's choice comes first."""
+    for pad in (getattr(tokenizer, "pad_id", None), getattr(cfg, "pad_token_id", None),
+                getattr(cfg, "eos_token_id", None)):
+        if pad is not None:
+            return int(pad)
+    return 0

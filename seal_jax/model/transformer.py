@@ -163,16 +163,51 @@ class Projection(nn.Module):
         return y
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _is_cuda_backend() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    # ROCm also reports "gpu"; cuDNN exists only on CUDA.
+    client = getattr(jax.devices()[0], "client", None)
+    version = str(getattr(client, "platform_version", "")).lower()
+    return "rocm" not in version and "hip" not in version
+
+
+def select_attention_impl(impl: str, *, dtype, head_dim: int, q_len: int, kv_len: int) -> str:
+    """The attention implementation that runs: "xla" or "cudnn" (decided at trace time).
+
+    "xla" (einsum softmax) runs on every backend. "cudnn" is the fused kernel of
+    `jax.nn.dot_product_attention`, which exists only on CUDA GPUs, so on TPU/CPU/ROCm an explicit
+    "cudnn" falls back to "xla": a config tuned on GPUs runs unchanged on a TPU pod. "auto" picks
+    cuDNN on a CUDA GPU when the shapes meet its constraints (bf16/fp16 inputs, head_dim a multiple of
+    8 and <= 128, even query and key lengths, which rules out single-token decode steps) and "xla"
+    everywhere else.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; use one of {ATTENTION_IMPLS}")
+    if impl == "xla" or not _is_cuda_backend():
+        return "xla"
+    if impl == "cudnn":
+        return "cudnn"
+    shapes_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+                 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0)
+    return "cudnn" if shapes_ok else "xla"
+
+
 def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
     """Grouped-query attention over a boolean mask; rows with no visible key return zeros."""
     batch, t, n_heads, head_dim = q_BxTxNxH.shape
     n_kv = k_BxSxKxH.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
-    if cfg.attention_impl == "cudnn":
+    impl = select_attention_impl(cfg.attention_impl, dtype=q_BxTxNxH.dtype, head_dim=head_dim,
+                                 q_len=t, kv_len=k_BxSxKxH.shape[1])
+    if impl == "cudnn":
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=scale,
             implementation="cudnn")
-    elif cfg.attention_impl == "xla":
+    else:
         q_BxTxKxGxH = q_BxTxNxH.reshape(batch, t, n_kv, n_heads // n_kv, head_dim)
         # Scores in the compute dtype, softmax in float32 (as HF's eager bf16 path). A float32
         # *output* of a bf16 matmul would make its backward a float32 GEMM against bf16 operands.
@@ -181,8 +216,6 @@ def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
         out_BxTxNxH = out.reshape(batch, t, n_heads, head_dim)
-    else:
-        raise ValueError(f"unknown attention_impl {cfg.attention_impl!r}; use 'xla' or 'cudnn'")
     # A padding query sees no key; its output is meaningless. Zero it so that it can never turn into
     # NaN/Inf that would leak into real rows through 0 * NaN in later layers.
     has_key_BxT = jnp.any(mask_BxTxS, axis=-1)
@@ -279,6 +312,7 @@ class Transformer(nn.Module):
     lora_scale: float = 0.0
     lora_dropout: float = 0.0
     deterministic: bool = True
+    hidden_only: bool = False  # return the final-norm hidden states instead of the logits
 
     @nn.compact
     def __call__(self, tokens_BxT, xs, ctx):
@@ -295,6 +329,8 @@ class Transformer(nn.Module):
         x_BxTxD, new_cache = layers(cfg, self.lora_scale, self.lora_dropout, self.deterministic,
                                     name="layers")(x_BxTxD, xs, ctx)
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
+        if self.hidden_only:
+            return x_BxTxD, new_cache
         if cfg.tie_word_embeddings:
             head_DxV = embed.embedding.T
         else:
@@ -311,35 +347,57 @@ class Transformer(nn.Module):
 # Pure API
 
 
-def _model(cfg, lora_cfg, dropout_rng):
+def _model(cfg, lora_cfg, dropout_rng, hidden_only=False):
     if lora_cfg is None:
-        return Transformer(cfg)
+        return Transformer(cfg, hidden_only=hidden_only)
     return Transformer(cfg, lora_scale=lora_cfg.scale, lora_dropout=lora_cfg.dropout,
-                       deterministic=dropout_rng is None or lora_cfg.dropout == 0.0)
+                       deterministic=dropout_rng is None or lora_cfg.dropout == 0.0,
+                       hidden_only=hidden_only)
 
 
-def _check_lora(cfg: ModelConfig, lora, lora_cfg: Optional[LoraConfig], batch: int):
-    if lora is None:
-        return
+def check_lora(lora, cfg: ModelConfig, lora_cfg: Optional[LoraConfig], *,
+               candidate_axis: bool = False, batch: Optional[int] = None) -> None:
+    """Raise ValueError naming the first target whose adapter does not fit `cfg` / `lora_cfg`.
+
+    The one shape check of an adapter pytree. Accepted layouts (r = rank, L = layers):
+      candidate_axis=True:   A [K, L, in, r]   B [K, L, r, out]   (one K for every target)
+      batch=None:            A [L, in, r]      B [L, r, out]
+      batch=B (a forward):   also row-grouped  A [L, G, in, r]  B [L, G, r, out] with G dividing B
+    """
     if lora_cfg is None:
         raise ValueError("a `lora` pytree was given without `lora_cfg` (needed for its scale)")
     if set(lora) != set(lora_cfg.targets):
-        raise ValueError(f"LoRA targets {sorted(lora)} differ from lora_cfg.targets "
+        raise ValueError(f"LoRA targets {sorted(lora)} do not match lora_cfg.targets "
                          f"{sorted(lora_cfg.targets)}")
-    for target, ab in lora.items():
-        a, b = ab["a"], ab["b"]
-        d_in, d_out = cfg.projection_shape(target)
-        grouped = a.ndim == 4
-        lead = a.shape[:2] if grouped else a.shape[:1]
-        want_a = (*lead, d_in, lora_cfg.rank)
-        want_b = (*lead, lora_cfg.rank, d_out)
-        if a.ndim not in (3, 4) or a.shape != want_a or b.shape != want_b or lead[0] != cfg.num_layers:
-            raise ValueError(f"LoRA {target!r}: got a{tuple(a.shape)} b{tuple(b.shape)}, expected "
-                             f"a[L, (G,) {d_in}, {lora_cfg.rank}] b[L, (G,) {lora_cfg.rank}, {d_out}] "
-                             f"with L={cfg.num_layers}")
+    lead_k = None
+    for target in lora_cfg.targets:
+        fan_in, fan_out = cfg.projection_shape(target)
+        a, b = lora[target]["a"], lora[target]["b"]
+        lead_a, lead_b, what = (a.shape[:1], b.shape[:1], "[K] + ") if candidate_axis else ((), (), "")
+        grouped = not candidate_axis and batch is not None and a.ndim == 4
+        mid = (a.shape[1],) if grouped else ()
+        want_a = (*lead_a, cfg.num_layers, *mid, fan_in, lora_cfg.rank)
+        want_b = (*lead_b, cfg.num_layers, *mid, lora_cfg.rank, fan_out)
+        group_note = " (or [L, G, in, r] row groups)" if batch is not None else ""
+        if tuple(a.shape) != want_a:
+            raise ValueError(f"LoRA {target}.a has shape {tuple(a.shape)}, expected "
+                             f"{what}{[cfg.num_layers, fan_in, lora_cfg.rank]}{group_note}")
+        if tuple(b.shape) != want_b:
+            raise ValueError(f"LoRA {target}.b has shape {tuple(b.shape)}, expected "
+                             f"{what}{[cfg.num_layers, lora_cfg.rank, fan_out]}{group_note}")
+        if candidate_axis:
+            if a.shape[0] != b.shape[0] or (lead_k is not None and a.shape[0] != lead_k):
+                raise ValueError(f"LoRA {target} has inconsistent candidate axes "
+                                 f"{(a.shape[0], b.shape[0])} (expected {lead_k})")
+            lead_k = a.shape[0]
         if grouped and batch % a.shape[1]:
             raise ValueError(f"LoRA {target!r} has {a.shape[1]} row groups, which do not divide the "
                              f"batch of {batch} rows")
+
+
+def _check_forward_lora(cfg: ModelConfig, lora, lora_cfg: Optional[LoraConfig], batch: int):
+    if lora is not None:
+        check_lora(lora, cfg, lora_cfg, batch=batch)
 
 
 def _layer_inputs(lora):
@@ -394,11 +452,32 @@ def forward(params: Params, tokens_BxT, *, cfg: ModelConfig, lora: Optional[Lora
     segment_ids (0 = padding): a query attends to earlier-or-equal keys of its own non-zero segment.
     positions default to the index within each segment (so packed segments restart at 0).
     """
-    _check_lora(cfg, lora, lora_cfg, tokens_BxT.shape[0])
+    _check_forward_lora(cfg, lora, lora_cfg, tokens_BxT.shape[0])
     ctx = _forward_ctx(cfg, tokens_BxT, positions_BxT, segment_ids_BxT)
     logits, _ = _model(cfg, lora_cfg, dropout_rng).apply(
         {"params": params}, tokens_BxT, _layer_inputs(lora), ctx, rngs=_rngs(dropout_rng))
     return logits
+
+
+def forward_hidden(params: Params, tokens_BxT, *, cfg: ModelConfig, lora: Optional[Lora] = None,
+                   lora_cfg: Optional[LoraConfig] = None, positions_BxT=None, segment_ids_BxT=None,
+                   dropout_rng=None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] (compute dtype), i.e. `forward` without the LM head.
+
+    `forward(...) == (forward_hidden(...) @ lm_head(params, cfg)).astype(float32)`; losses use this
+    to apply the head chunk by chunk instead of materialising [B, T, V] logits.
+    """
+    _check_forward_lora(cfg, lora, lora_cfg, tokens_BxT.shape[0])
+    ctx = _forward_ctx(cfg, tokens_BxT, positions_BxT, segment_ids_BxT)
+    hidden, _ = _model(cfg, lora_cfg, dropout_rng, hidden_only=True).apply(
+        {"params": params}, tokens_BxT, _layer_inputs(lora), ctx, rngs=_rngs(dropout_rng))
+    return hidden
+
+
+def lm_head(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the tied embedding transposed, or lm_head)."""
+    head_DxV = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return head_DxV.astype(cfg.dtype)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
@@ -419,7 +498,7 @@ def forward_with_cache(params: Params, tokens_BxT, cache: KVCache, *, cfg: Model
     max_len = cache.valid_BxS.shape[1]
     if t > max_len:
         raise ValueError(f"{t} new tokens do not fit in a KV cache of {max_len} slots")
-    _check_lora(cfg, lora, lora_cfg, batch)
+    _check_forward_lora(cfg, lora, lora_cfg, batch)
     cursor = cache.cursor.astype(jnp.int32)
     valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, token_mask_BxT.astype(bool),
                                              (jnp.int32(0), cursor))

@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.grader.http_model = "gpt-4.1"
     c.grader.http_api_key_env = "OPENAI_API_KEY"
     c.grader.http_retries = 3
+    c.grader.prompt = "ours"  # ours | reference (the reference's grading prompt verbatim)
+    c.grader.http_api = "chat"  # chat | responses
+    c.grader.http_temperature = 0.0  # < 0: not sent (server default, as the reference)
+    c.grader.http_max_tokens = 8  # <= 0: not sent
     return c
 
 
@@ -202,9 +206,11 @@ def _grader_label(g: ml_collections.ConfigDict) -> str:
     if g.kind == "em_f1":
         recall = f", recall>={g.recall_threshold:g}" if g.get("recall_threshold", -1) >= 0 else ""
         return f"em_f1(f1>={g.f1_threshold:g}{recall})"
+    # Runs with our rubric keep their earlier keys; the reference prompt is named.
+    prompt = ", reference prompt" if g.get("prompt", "ours") == "reference" else ""
     if g.kind == "llm_judge":
-        return f"llm_judge({g.judge_model}, margin>{g.judge_threshold:g})"
-    return f"http({g.http_model})"
+        return f"llm_judge({g.judge_model}, margin>{g.judge_threshold:g}{prompt})"
+    return f"http({g.http_model}{prompt})"
 
 
 def _sample_label(c: ml_collections.ConfigDict, n_rows: int) -> str:

@@ -21,11 +21,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from seal_jax import errors
+from seal_jax.validation import read_json_file
+
 NO_QUESTIONS = "no_questions"  # issue code: the passage can be trained on but not evaluated
 EMBEDDED_CORPUS = "knowledge_corpus.json"  # file name under seal_jax/data/ (package data)
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):  # a user error: the CLI prints it as one line
     """A malformed passage record; the message names the record index and field."""
 
 
@@ -163,11 +166,7 @@ def passages_from_records(data: Any, *, source: str = "") -> list[Passage]:
 
 def load_squad_json(path: str | pathlib.Path) -> list[Passage]:
     path = pathlib.Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    data = read_json_file(path, what="SQuAD file", error=DataError)  # not found / not UTF-8 / not JSON, naming the file
     return passages_from_records(data, source=str(path))
 
 
@@ -243,16 +242,36 @@ def shuffled(passages: Sequence[Passage], seed: int, *, shuffle: str = "referenc
 
 
 def split_passages(passages: Sequence[Passage], n_train: int, n_eval: int, seed: int, *,
-                   shuffle: str = "reference") -> tuple[list[Passage], list[Passage]]:
-    """(train, eval): eval is the first `n_eval` of the shuffled order, train the next `n_train`.
+                   shuffle: str = "reference",
+                   train_pool: Sequence[Passage] | None = None) -> tuple[list[Passage], list[Passage]]:
+    """(train, eval) in the shuffled order; eval is always the first `n_eval` of `passages`.
 
-    Eval first mirrors the reference, whose eval sets are the first 200/250 passages of the seed-42
-    shuffle; the two parts never overlap.
+    Without `train_pool`, train is the next `n_train` of the same order: eval first mirrors the
+    reference, whose eval sets are the first 200/250 passages of the seed-42 shuffle of its validation
+    file, and the two parts never overlap. With `train_pool` (a separate training file, as the
+    reference's squad_train.json) train is the first `n_train` of that pool shuffled by the same rule
+    and seed (the reference's make_squad_data shuffles every input file with random.seed(42)); a pool
+    passage with the same title and context as an evaluation passage is an error, since training on
+    it would leak the held-out set.
     """
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
-    if n_train + n_eval > len(passages):
-        raise ValueError(f"asked for {n_train} train + {n_eval} eval passages but only "
-                         f"{len(passages)} are available")
-    order = shuffled(passages, seed, shuffle=shuffle)
-    return order[n_eval:n_eval + n_train], order[:n_eval]
+    if train_pool is None:
+        if n_train + n_eval > len(passages):
+            raise ValueError(f"asked for {n_train} train + {n_eval} eval passages but only "
+                             f"{len(passages)} are available")
+        order = shuffled(passages, seed, shuffle=shuffle)
+        return order[n_eval:n_eval + n_train], order[:n_eval]
+    if n_eval > len(passages):
+        raise ValueError(f"asked for {n_eval} eval passages but only {len(passages)} are available")
+    if n_train > len(train_pool):
+        raise ValueError(f"asked for {n_train} train passages but the training file has only "
+                         f"{len(train_pool)}")
+    evaluation = shuffled(passages, seed, shuffle=shuffle)[:n_eval]
+    train = shuffled(train_pool, seed, shuffle=shuffle)[:n_train]
+    held_out = {(p.title, p.context) for p in evaluation}
+    leaked = [p for p in train if (p.title, p.context) in held_out]
+    if leaked:
+        raise ValueError(f"{len(leaked)} training passages are also evaluation passages (first: "
+                         f"{leaked[0].title!r}); the training file must not contain the held-out set")
+    return train, evaluation

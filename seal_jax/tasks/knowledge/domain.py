@@ -19,7 +19,7 @@ import numpy as np
 from seal_jax.domain import CandidateFailure, CandidateSpec, EvalJob, EvalRequest, Score
 from seal_jax.tasks.knowledge import prompts
 from seal_jax.tasks.knowledge.data import Passage
-from seal_jax.tasks.knowledge.graders import GradeItem
+from seal_jax.tasks.knowledge.graders import GradeItem, passage_reward
 from seal_jax.tasks.knowledge.sequences import build_train_sequences, clean_self_edit, is_rejected
 
 
@@ -29,7 +29,7 @@ class KnowledgeSettings:
     chat: bool = True  # instruct policy: chat-template prompts for self-edits and answers
     split_newlines: bool = True
     max_sequence_tokens: int = 512  # a training sequence longer than this is truncated (recorded)
-    max_self_edit_tokens: int = 2048  # a longer self-edit is truncated (recorded)
+    max_self_edit_tokens: int = 8192  # a longer self-edit is truncated (recorded); the reference cap
     answer_max_new_tokens: int = 64
 
 
@@ -45,7 +45,8 @@ class KnowledgeDomain:
     # -- the policy's prompt ------------------------------------------------------------------
     def self_edit_prompt_text(self, passage: Passage) -> str:
         if self.settings.chat:
-            return prompts.self_edit_chat_prompt(passage.title, passage.context, self.tokenizer)
+            return prompts.self_edit_chat_prompt(passage.title, passage.context, self.tokenizer,
+                                                 self.settings.prompt_key)
         return prompts.self_edit_prompt(passage.title, passage.context, self.settings.prompt_key,
                                         tokenizer=self.tokenizer)
 
@@ -85,7 +86,9 @@ class KnowledgeDomain:
         sequences, truncated = [], 0
         for t in texts:
             # Training text is untrusted model output: special-token spellings become plain text.
-            ids = self.tokenizer.encode(self.tokenizer.escape(t), add_special=False)
+            # add_special=True: the tokenizer's BOS where it adds one to prompts, as the reference's
+            # `tokenizer(seq)` (none for Qwen2.5 and SmolLM2; <|begin_of_text|> for Llama 3).
+            ids = self.tokenizer.encode(self.tokenizer.escape(t), add_special=True)
             if len(ids) > limit:
                 ids, truncated = ids[:limit], truncated + 1
             sequences.append(np.asarray(ids, dtype=np.int32))
@@ -115,14 +118,11 @@ class KnowledgeDomain:
         for job in jobs:
             mine = verdicts[pos:pos + len(job.requests)]
             pos += len(job.requests)
-            graded = [v.correct for v in mine if v.correct is not None]
-            # No verdict at all is ungraded (None), never 0: the engine leaves it out and counts it.
-            reward = float(np.mean(graded)) if graded else (None if job.requests else 0.0)
+            reward, counts = passage_reward(mine)  # None: no answer could be graded
             answers = [{"question": r.meta["question"], "gold": r.meta["gold"], "answer": text,
                         "correct": v.correct, "grader_raw": v.raw, "grader_error": v.error}
                        for r, text, v in zip(job.requests, job.texts, mine)]
-            details = {"answers": answers, "n_questions": len(job.requests),
-                       "n_ungraded": len(job.requests) - len(graded)}
+            details = {"answers": answers, **counts}
             if not job.requests:
                 details["reason"] = "passage has no questions"
             scores.append(Score(reward=reward, details=details))

@@ -32,6 +32,7 @@ from seal_jax.rest_em import baseline_scores, sample_self_edits
 from seal_jax.study import StudyEdit, run_study
 from seal_jax.tasks.knowledge import data as D
 from seal_jax.tasks.knowledge.data import Passage
+from seal_jax.tasks.knowledge.sequences import first_usable_self_edit
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ def table_condition(exp: KnowledgeExperiment, condition: str, label: str, seed: 
                                     build=lambda ctx, _text: exp.domain.passage_only_candidate(ctx),
                                     progress=exp.progress)
     elif condition in ("self_edits", "file"):
+        # The first usable of the samples (table.fallback_rule; the reference: first non-empty).
+        samples = int(exp.config.table.get("self_edit_samples", 1))
         if condition == "file":
-            edits = [exp.file_self_edits.get(p.id, [""])[:1] for p in passages]
+            edits = [exp.file_self_edits.get(p.id, [""]) for p in passages]
         else:
-            edits = sample_self_edits(exp, passages, 1, f"{label}_eval", seed)
-        items = [(p, 0, e[0]) for p, e in zip(passages, edits)]
+            edits = sample_self_edits(exp, passages, samples, f"{label}_eval", seed)
+        rule = exp.config.table.get("fallback_rule", "usable")
+        chosen = [first_usable_self_edit(e, rule) or 0 for e in edits]
+        items = [(p, i, e[i] if e else "") for p, i, e in zip(passages, chosen, edits)]
         outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
                                     done=exp.done_records(), on_record=exp.records.append,
                                     progress=exp.progress)
@@ -135,9 +140,10 @@ def write_table_results(exp: KnowledgeExperiment, state: dict) -> None:
           f"Model `{exp.config.model}`, grader `{exp.config.grader.kind}`, "
           f"{len(exp.eval_contexts)} held-out passages / "
           f"{sum(len(p.questions) for p in exp.eval_contexts)} questions; accuracy = mean over passages "
-          f"of per-passage accuracy (± 95% CI), pooled = over all questions; ungraded passages (the "
+          f"of per-passage accuracy (± half-width of a 95% Student-t interval over passages), pooled = "
+          f"over all questions; ungraded passages (the "
           f"grader could not judge) are left out and counted.", "",
-          R.markdown_table(["model", "condition", "accuracy", "±95% CI", "pooled", "failed", "ungraded"],
+          R.markdown_table(["model", "condition", "accuracy", R.CI95_LABEL, "pooled", "failed", "ungraded"],
                            [[r["model"], r["condition"], r["accuracy"], r["ci95"], r["pooled"],
                              r["failed_candidates"], r.get("ungraded_passages", 0)] for r in table])]
     md += round_lib.rounds_markdown(state)

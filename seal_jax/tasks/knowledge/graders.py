@@ -12,10 +12,12 @@ right).
   found in the answer >= `recall_threshold`, which forgives verbose answers that F1 penalises).
   Fast, but it under-calls "yes" against GPT-4.1 (see bench/results/grader_calibration.md).
 * `LocalJudgeGrader`: any local causal LM (cfg, params, tokenizer) as a judge with the reference's
-  rubric (our wording), batched; the verdict is the sign of logsumexp(yes-token logits) minus
+  rubric (our wording by default; `prompt="reference"`: its Qwen-instruct judge verbatim), batched; the verdict is the sign of logsumexp(yes-token logits) minus
   logsumexp(no-token logits) at the first reply position: deterministic, no sampling.
-* `HttpGrader`: an OpenAI-compatible `/chat/completions` endpoint (urllib only), retries with backoff,
-  the reference's text rule `parse_yes_no` on the reply.
+* `HttpGrader`: an OpenAI-compatible `/chat/completions` or `/responses` endpoint (urllib only),
+  retries with backoff, the reference's text rule `parse_yes_no` on the reply. With
+  `prompt="reference"` it sends the reference's grading prompt (verbatim, `REFERENCE_GRADE_TEMPLATE`)
+  as one user message; with "ours" our reworded rubric (`JUDGE_SYSTEM`) as system + user messages.
 """
 from __future__ import annotations
 
@@ -69,6 +71,25 @@ def summarize(verdicts: Sequence[Verdict]) -> dict[str, Any]:
         "correct": int(sum(graded)),
         "accuracy": float(np.mean(graded)) if graded else None,
     }
+
+
+def passage_reward(verdicts: Sequence[Verdict]) -> tuple[float | None, dict[str, int]]:
+    """A passage's reward: accuracy over its graded answers, with the counts behind it.
+
+    None when the passage has answers and not one of them could be graded: a reward of 0.0 would be
+    selected against as a real zero, so the caller must treat the passage as ungraded (excluded from
+    rewards and selection, and counted). With some answers ungraded the accuracy is over the graded
+    ones only (the reference counted a failed grading as wrong). A passage without questions keeps
+    reward 0.0; it is reported by the caller with its reason.
+    """
+    graded = [v.correct for v in verdicts if v.correct is not None]
+    counts = {"n_questions": len(verdicts), "n_graded": len(graded),
+              "n_ungraded": len(verdicts) - len(graded)}
+    if not verdicts:
+        return 0.0, counts
+    if not graded:
+        return None, counts
+    return float(np.mean(graded)), counts
 
 
 def _grade_nonempty_unique(items: Sequence[GradeItem],
@@ -176,6 +197,51 @@ def parse_yes_no(reply: str) -> bool:
     return bool(_YES.search(reply)) and not _NO.search(reply)
 
 
+# The reference's grading prompts, verbatim (knowledge-incorporation/src/utils.py at 4cb1e7d).
+# SQUAD_GRADE_TEMPLATE is what it sent to GPT-4.1 as the whole input (one user message, default
+# temperature); question = "Topic: {title}\n{question}", gold as stored, pred = the stripped answer.
+REFERENCE_GRADE_TEMPLATE = (
+    "You are a grading assistant. Your job is to determine whether a student's answer correctly answers the question based solely on the provided gold answer. "
+    "Do not use any outside knowledge. The student answer can include additional information, but it must at least fully convey the gold answer and must not contradict it. "
+    "Ignore style, phrasing, or extra details that do not affect correctness. Respond ONLY with 'yes' or 'no'.\n\n"
+    "Question: {question}\nGold answer: {gold}\nStudent answer: {pred}\n"
+    "Is the student answer correct based solely on the gold answer? Respond 'yes' or 'no'."
+)
+# Its (unused) Qwen-instruct judge, SQUAD_GRADE_TEMPLATE_QWEN_INSTRUCT, as a system and a user message.
+REFERENCE_JUDGE_SYSTEM = (
+    "You are a grading assistant. Your job is to determine whether a student's answer "
+    "correctly answers the question based solely on the provided gold answer. Do not use any outside knowledge. "
+    "The student answer can include additional information, but it must at least fully convey the gold answer and must not contradict it. "
+    "Ignore style, phrasing, or extra details that do not affect correctness. Respond ONLY with 'yes' or 'no'."
+)
+REFERENCE_JUDGE_USER = (
+    "{question}\n"
+    "Gold answer: {gold}\nStudent answer: {pred}\n"
+    "Is the student answer correct based solely on the gold answer? Respond 'yes' or 'no'."
+)
+GRADER_PROMPTS = ("reference", "ours")
+
+
+def reference_grade_prompt(item: GradeItem, escape: Callable[[str], str] = lambda s: s) -> str:
+    return REFERENCE_GRADE_TEMPLATE.format(question=escape(item.question_with_topic),
+                                           gold=escape(item.gold), pred=escape(item.answer.strip()))
+
+
+def grader_messages(item: GradeItem, prompt: str = "reference",
+                    escape: Callable[[str], str] = lambda s: s) -> list[dict]:
+    """The chat messages of one grading request.
+
+    "reference": the reference's single user message (its OpenAI grader). "ours": our reworded
+    rubric as a system message and the item as the user message (kept for the calibration runs made
+    with it).
+    """
+    if prompt == "reference":
+        return [{"role": "user", "content": reference_grade_prompt(item, escape)}]
+    if prompt == "ours":
+        return judge_messages(item, escape)
+    raise ValueError(f"unknown grader prompt {prompt!r}; choose from {GRADER_PROMPTS}")
+
+
 def judge_user_message(item: GradeItem, escape: Callable[[str], str] = lambda s: s) -> str:
     return (f"Question: {escape(item.question_with_topic)}\n"
             f"Gold answer: {escape(item.gold.strip())}\n"
@@ -251,8 +317,11 @@ class LocalJudgeGrader:
     name = "llm_judge"
 
     def __init__(self, cfg, params, tokenizer, *, batch_size: int = 8, use_chat_template: bool = True,
-                 threshold: float = 0.0, length_bucket: int = 64, max_prompt_tokens: int | None = None):
-        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+                 threshold: float = 0.0, length_bucket: int = 64, max_prompt_tokens: int | None = None,
+                 prompt: str = "ours"):
+        if prompt not in GRADER_PROMPTS:
+            raise ValueError(f"unknown grader prompt {prompt!r}; choose from {GRADER_PROMPTS}")
+        self.cfg, self.params, self.tokenizer, self.prompt_style = cfg, params, tokenizer, prompt
         self.batch_size, self.use_chat_template = batch_size, use_chat_template
         self.threshold, self.length_bucket = threshold, length_bucket
         self.max_prompt_tokens = min(max_prompt_tokens or cfg.max_position_embeddings,
@@ -264,7 +333,17 @@ class LocalJudgeGrader:
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
 
     def prompt(self, item: GradeItem) -> str:
+        """"reference": the reference's Qwen-instruct judge messages (for a base judge, its OpenAI
+        prompt followed by "\nReply:"; the reference has no base-model judge)."""
         escape = self.tokenizer.escape
+        if self.prompt_style == "reference":
+            if not self.use_chat_template:
+                return f"{reference_grade_prompt(item, escape)}\nReply:"
+            user = REFERENCE_JUDGE_USER.format(question=escape(item.question_with_topic),
+                                               gold=escape(item.gold), pred=escape(item.answer.strip()))
+            messages = [{"role": "system", "content": REFERENCE_JUDGE_SYSTEM},
+                        {"role": "user", "content": user}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(judge_messages(item, escape),
                                                       add_generation_prompt=True)
@@ -327,24 +406,40 @@ class HttpGradingError(RuntimeError):
         self.retryable = retryable
 
 
+HTTP_APIS = ("chat", "responses")
+
+
 class HttpGrader:
-    """`POST {base_url}/chat/completions` per item, `max_concurrency` in flight, `parse_yes_no` reply.
+    """One POST per item to an OpenAI-compatible endpoint, `max_concurrency` in flight, `parse_yes_no`.
+
+    `api="chat"`: `{base_url}/chat/completions` with `messages`; `api="responses"`: `{base_url}/responses`
+    with `input` (the reference's primary call, `client.responses.create(model, input=prompt)`; it fell
+    back to chat completions after 3 failures). `prompt="reference"` sends the reference's grading
+    prompt as one user message; "ours" our rubric as system + user. `temperature` and `max_tokens`
+    are sent only when not None: the reference set neither (the server's default temperature, so its
+    verdicts were stochastic).
 
     `retries` extra attempts follow a failed one (connection errors, timeouts, HTTP 429 and 5xx, a
     malformed body), sleeping `backoff_s * attempt` in between; other 4xx fail at once. An item that
-    still fails is ungraded (correct=None, error=...), never counted wrong.
+    still fails is ungraded (correct=None, error=...), never counted wrong (the reference: False).
     """
 
     name = "http"
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  retries: int = 3, backoff_s: float = 1.5, timeout_s: float = 60.0,
-                 max_concurrency: int = 8, temperature: float | None = 0.0, max_tokens: int = 8):
+                 max_concurrency: int = 8, temperature: float | None = 0.0, max_tokens: int | None = 8,
+                 prompt: str = "ours", api: str = "chat"):
         if not base_url:
             raise ValueError("HttpGrader: base_url is empty")
         if retries < 0:
             raise ValueError(f"HttpGrader: retries must be >= 0, got {retries}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        if prompt not in GRADER_PROMPTS:
+            raise ValueError(f"HttpGrader: unknown prompt {prompt!r}; choose from {GRADER_PROMPTS}")
+        if api not in HTTP_APIS:
+            raise ValueError(f"HttpGrader: unknown api {api!r}; choose from {HTTP_APIS}")
+        self.prompt, self.api = prompt, api
+        self.url = base_url.rstrip("/") + ("/chat/completions" if api == "chat" else "/responses")
         self.model, self.retries, self.backoff_s, self.timeout_s = model, retries, backoff_s, timeout_s
         self.max_concurrency, self.temperature, self.max_tokens = max_concurrency, temperature, max_tokens
         self._api_key = None
@@ -375,11 +470,24 @@ class HttpGrader:
                 time.sleep(self.backoff_s * attempt)
         return Verdict(None, "", f"grading failed after {len(errors)} attempt(s): {errors[-1]}")
 
-    def _request(self, item: GradeItem) -> str:
-        body: dict[str, Any] = {"model": self.model, "messages": judge_messages(item),
-                                "max_tokens": self.max_tokens}
+    def request_body(self, item: GradeItem) -> dict[str, Any]:
+        messages = grader_messages(item, self.prompt)
+        body: dict[str, Any] = {"model": self.model}
+        if self.api == "chat":
+            body["messages"] = messages
+        else:  # Responses API: a lone user message goes as the plain input string, as the reference
+            single = len(messages) == 1 and messages[0]["role"] == "user"
+            body["input"] = messages[0]["content"] if single else messages
+        if self.max_tokens is not None and self.api == "chat":
+            body["max_tokens"] = self.max_tokens
+        elif self.max_tokens is not None:  # the Responses API rejects max_output_tokens below 16
+            body["max_output_tokens"] = max(16, self.max_tokens)
         if self.temperature is not None:
             body["temperature"] = self.temperature
+        return body
+
+    def _request(self, item: GradeItem) -> str:
+        body = self.request_body(item)
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -394,13 +502,26 @@ class HttpGrader:
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             raise HttpGradingError(f"cannot reach {self.url}: {e}", retryable=True) from None
         try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
+            content = _reply_text(json.loads(payload), self.api)
         except (ValueError, KeyError, IndexError, TypeError):
             raise HttpGradingError(f"malformed response from {self.url}: {payload[:200]!r}",
                                    retryable=True) from None
         if not isinstance(content, str):
             raise HttpGradingError(f"response content is not text: {content!r}", retryable=True)
         return content
+
+
+def _reply_text(response: dict, api: str) -> str:
+    if api == "chat":
+        return response["choices"][0]["message"]["content"]
+    if isinstance(response.get("output_text"), str):
+        return response["output_text"]
+    # What the OpenAI SDK's `output_text` joins: the output_text parts of the message items.
+    parts = [part["text"] for out in response["output"] if out.get("type") == "message"
+             for part in out["content"] if part.get("type") == "output_text"]
+    if not parts:
+        raise KeyError("no output_text in the response")
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,6 +535,11 @@ def make_grader(section, *, load_model: Callable[[str], tuple] | None = None) ->
     `seal_jax.model.loading.load_model`.
     """
     kind = section.kind
+    prompt = section.get("prompt", "ours")
+    if prompt not in GRADER_PROMPTS:
+        raise ValueError(f"grader.prompt must be one of {GRADER_PROMPTS}, got {prompt!r}")
+    if kind == "http" and section.get("http_api", "chat") not in HTTP_APIS:
+        raise ValueError(f"grader.http_api must be one of {HTTP_APIS}, got {section.http_api!r}")
     if kind == "em_f1":
         recall = section.get("recall_threshold", None)
         return LexicalGrader(f1_threshold=float(section.f1_threshold),
@@ -428,9 +554,15 @@ def make_grader(section, *, load_model: Callable[[str], tuple] | None = None) ->
             raise ValueError(f"judge model {section.judge_model!r} has no tokenizer")
         return LocalJudgeGrader(cfg, params, tokenizer,
                                 batch_size=int(section.get("judge_batch_size", 8)),
-                                threshold=float(section.get("judge_threshold", 0.0)))
+                                threshold=float(section.get("judge_threshold", 0.0)),
+                                prompt=prompt)
     if kind == "http":
+        temperature = float(section.get("http_temperature", 0.0))
+        max_tokens = int(section.get("http_max_tokens", 8))
         return HttpGrader(section.http_base_url, section.http_model,
                           api_key_env=section.http_api_key_env or None,
-                          retries=int(section.http_retries))
+                          retries=int(section.http_retries),
+                          prompt=prompt, api=section.get("http_api", "chat"),
+                          temperature=None if temperature < 0 else temperature,
+                          max_tokens=None if max_tokens <= 0 else max_tokens)
     raise ValueError(f"unknown grader kind {kind!r}; choose em_f1, llm_judge or http")

@@ -1,12 +1,20 @@
 """Prompt text for knowledge incorporation: the self-edit prompts the policy reads and the answer prompts
 the adapted model reads.
 
-The variants follow the structure of the reference (SEAL `make_squad_data` / `TTT_server`), worded in our
-own words: an instruction, a blank line, `Passage:\\n{title}\\n{context}`, a blank line and a cue header
-that the base model continues ("Implications:", "Rewritten passages:", or "Question 1: " for self-QA,
-which makes the model continue inside the first question). The answer prompt keeps the reference's
-exact frame ("Let's answer a question directly and concisely." / "Question: Topic: {title}\\n{question}"
-/ "Answer:" and a newline) because the adapted model's answers, and so the rewards, depend on it.
+The default texts are the reference's, verbatim (SEAL, commit 4cb1e7d):
+`knowledge-incorporation/src/data_generation/make_squad_data.py` for the self-edit prompts (one plain
+continuation template per prompt key, and the instruct-model system message) and
+`knowledge-incorporation/src/utils.py` for the answer prompts. The policy's reward depends on exactly
+what it is asked, so a reproduction has to ask the same thing; tests/test_reference_fidelity.py checks
+these texts against the reference's and against the prompts recorded in its data files.
+
+Our earlier rewording stays available under the keys "ours-<key>" (e.g. `self_edit.prompt=
+"ours-implications"`; for a chat policy the "ours-" prefix also selects our system message). It was
+written when reference prose could not be copied, and it adds format rules the reference does not
+have: the chat system message asks for "one per line" and the self-QA instruction spells out
+"Question <n>: ... / Answer: ..." lines. Both push a small instruct model toward output that newline
+splitting turns into many training sequences, which helps the 135M demo model but changes what the
+policy is rewarded for, so it is not the paper setting.
 
 Passage, question and self-edit text is untrusted. Where it enters a chat template it goes through
 `tokenizer.escape` so a passage containing e.g. "<|im_end|>" cannot close the turn; the plain-text
@@ -26,9 +34,52 @@ class ChatTokenizer(Protocol):
 
 
 DEFAULT_PROMPT_KEY = "implications"
+OURS_PREFIX = "ours-"
 
-# Instruction and cue header per variant; "implications" is the paper's main setting.
-_SELF_EDIT_VARIANTS: dict[str, tuple[str, str]] = {
+# The reference's base-model templates, verbatim (make_squad_data.py, MAKE_SQUAD_DATA_TEMPLATES_BASE);
+# filled with str.format(title=..., context=...) as there. "implications" is the paper's main setting.
+REFERENCE_SELF_EDIT_TEMPLATES: dict[str, str] = {
+    "implications": (
+        "Let's read the following passage and produce a list of implications "
+        "derived directly or indirectly from the content.\n\n"
+        "Passage:\n{title}\n{context}\n\n"
+        "Implications:\n"
+    ),
+    "implications-long": (
+        "Let's read the following passage and produce a long list of implications "
+        "derived directly or indirectly from the content.\n\n"
+        "Passage:\n{title}\n{context}\n\n"
+        "Implications:\n"
+    ),
+    "implications-very-long": (
+        "Let's read the following passage and produce a very long list of implications "
+        "derived directly or indirectly from the content.\n\n"
+        "Passage:\n{title}\n{context}\n\n"
+        "Implications:\n"
+    ),
+    "rewrite": (
+        "Let's read the following passage and rewrite it in a few different ways, each one separated by a newline.\n\n"
+        "Passage:\n{title}\n{context}\n\n"
+        "Rewritten passages:\n"
+    ),
+    "self-qa": (
+        "Let's read the following passage and rewrite it in a question-answer format.\n\n"
+        "Passage:\n{title}\n{context}\n\n"
+        "Question 1: "
+    ),
+}
+
+# The reference's instruct-model variant (make_squad_data.py, MAKE_SQUAD_DATA_TEMPLATE_INSTRUCT): this
+# system message (its trailing space included) and "{title}\n{context}" as the user turn. It has one
+# wording and ignores the prompt key. We render it with the model's own chat template, which for
+# Qwen-instruct is the reference's hard-coded ChatML.
+REFERENCE_CHAT_SELF_EDIT_SYSTEM = (
+    "You are an assistant tasked with analyzing the provided passage and producing a list of "
+    "implications derived directly or indirectly from the content. "
+)
+
+# Our wording (see the module docstring for why it is not the default): instruction and cue header.
+_OUR_SELF_EDIT_VARIANTS: dict[str, tuple[str, str]] = {
     "implications": (
         "Read the passage below and write out the implications that follow from it, whether they "
         "are stated directly or only follow indirectly.",
@@ -55,21 +106,31 @@ _SELF_EDIT_VARIANTS: dict[str, tuple[str, str]] = {
         "Question 1: ",
     ),
 }
-PROMPT_KEYS = tuple(_SELF_EDIT_VARIANTS)
-
-# The instruct (chat) variant: one system instruction, the passage as the user turn. Like the
-# reference it has a single wording and ignores the prompt key.
-CHAT_SELF_EDIT_SYSTEM = (
+OUR_CHAT_SELF_EDIT_SYSTEM = (
     "You are given a passage. Produce a list of the implications that follow from it, directly or "
     "indirectly, one per line."
 )
+CHAT_SELF_EDIT_SYSTEM = REFERENCE_CHAT_SELF_EDIT_SYSTEM
 
+PROMPT_KEYS = tuple(REFERENCE_SELF_EDIT_TEMPLATES) + tuple(OURS_PREFIX + k for k in _OUR_SELF_EDIT_VARIANTS)
+
+# Answer prompts (utils.py): SQUAD_ANSWER_TEMPLATE_BASE is ANSWER_INSTRUCTION, "Question: {question}",
+# "Answer:" and a newline; the (unused) instruct template's system message is CHAT_ANSWER_SYSTEM.
 ANSWER_INSTRUCTION = "Let's answer a question directly and concisely."
-CHAT_ANSWER_SYSTEM = "Answer the question directly and concisely."
+CHAT_ANSWER_SYSTEM = "You are an assistant to answer a question directly and concisely."
 
 
 def _escaped(text: str, tokenizer: ChatTokenizer | None) -> str:
     return tokenizer.escape(text) if tokenizer is not None else text
+
+
+def _parse_key(prompt_key: str) -> tuple[bool, str]:
+    """(ours?, variant) for a prompt key; unknown keys raise."""
+    if prompt_key not in PROMPT_KEYS:
+        raise ValueError(f"unknown self-edit prompt {prompt_key!r}; choose from {PROMPT_KEYS}")
+    if prompt_key.startswith(OURS_PREFIX):
+        return True, prompt_key[len(OURS_PREFIX):]
+    return False, prompt_key
 
 
 def passage_block(title: str, context: str, tokenizer: ChatTokenizer | None = None) -> str:
@@ -79,17 +140,23 @@ def passage_block(title: str, context: str, tokenizer: ChatTokenizer | None = No
 def self_edit_prompt(title: str, context: str, prompt_key: str = DEFAULT_PROMPT_KEY,
                      tokenizer: ChatTokenizer | None = None) -> str:
     """Plain continuation prompt for a base model; the completion is the self-edit."""
-    try:
-        instruction, cue = _SELF_EDIT_VARIANTS[prompt_key]
-    except KeyError:
-        raise ValueError(f"unknown self-edit prompt {prompt_key!r}; choose from {PROMPT_KEYS}") from None
-    return f"{instruction}\n\n{passage_block(title, context, tokenizer)}\n\n{cue}"
+    ours, variant = _parse_key(prompt_key)
+    if ours:
+        instruction, cue = _OUR_SELF_EDIT_VARIANTS[variant]
+        return f"{instruction}\n\n{passage_block(title, context, tokenizer)}\n\n{cue}"
+    return REFERENCE_SELF_EDIT_TEMPLATES[variant].format(title=_escaped(title, tokenizer),
+                                                         context=_escaped(context, tokenizer))
 
 
-def self_edit_chat_prompt(title: str, context: str, tokenizer: ChatTokenizer) -> str:
-    """Chat-template prompt for an instruct model (the reference's `--instruct_model` path)."""
+def self_edit_chat_prompt(title: str, context: str, tokenizer: ChatTokenizer,
+                          prompt_key: str = DEFAULT_PROMPT_KEY) -> str:
+    """Chat-template prompt for an instruct model (the reference's `--instruct_model` path).
+
+    As in the reference the variant of the key is ignored; only the "ours-" prefix matters.
+    """
+    ours, _ = _parse_key(prompt_key)
     messages = [
-        {"role": "system", "content": CHAT_SELF_EDIT_SYSTEM},
+        {"role": "system", "content": OUR_CHAT_SELF_EDIT_SYSTEM if ours else REFERENCE_CHAT_SELF_EDIT_SYSTEM},
         {"role": "user", "content": f"{tokenizer.escape(title)}\n{tokenizer.escape(context)}"},
     ]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)

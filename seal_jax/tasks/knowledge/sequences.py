@@ -1,22 +1,34 @@
-"""From a self-edit (the policy's completion) to the text sequences the inner loop fine-tunes on.
+r"""From a self-edit (the policy's completion) to the text sequences the inner loop fine-tunes on.
 
-`build_train_sequences` is the reference's `utils.build_train_sequences` (spec §1.3), rule for rule:
+`build_train_sequences` reproduces the reference's `utils.build_train_sequences`
+(knowledge-incorporation/src/utils.py at commit 4cb1e7d) exactly, including its quirks; the test
+tests/test_reference_fidelity.py checks it against an independent oracle on every recorded self-edit
+in ../shared/data/squad/ and on generated edge cases. The rules:
 
-1. split the completion on the literal "---" into stripped, non-empty segments (none: the whole
-   stripped completion is the one segment);
-2. with `split_newlines`, each segment is split further:
-   * self-QA (the segment contains "Question <n>:" and "Answer:"): split before every newline that
-     starts "Question <n>:", one sequence per QA pair; the first chunk gets a "Question 1: " prefix if
-     it lacks one (the self-QA prompt ends inside question 1, so the completion starts without it);
-   * otherwise every stripped non-empty line is a sequence, and when there are at least two lines and
-     the second starts with "1.", the first is dropped as a preamble ("Here are the implications:");
-3. each sequence becomes "{title}\\n{segment}" and "{title}\\n{context}" is always appended last.
+1. Segments: split the completion on the literal "---", strip each piece, keep the non-empty ones; if
+   none is left, the one segment is the whole stripped completion.
+2. With `split_newlines`:
+   * self-QA, decided on the *whole* completion (not per segment): it contains a match of
+     `Question\s+\d+:` and one of `Answer\s*:`. Then the "---" segments are ignored: the stripped
+     completion is split before every newline followed by `Question\s+\d+:`, and the pieces are kept
+     as they are (not stripped: a blank line before the next question leaves a trailing "\n"). When
+     the first piece does not start with "Question" (after leading whitespace) it becomes
+     "Question 1: " + the stripped piece (the self-QA prompt ends inside question 1). Any "Question"
+     prefix counts, so "Question: ..." is left alone.
+   * otherwise: every segment is cut with `str.splitlines()` (which also breaks at \r, \x0b, \x0c,
+     \x1c-\x1e, \x85, \u2028, \u2029), lines are stripped and the empty ones dropped, all segments
+     together in one list. If that list has at least two lines and the second starts with "1.", the
+     first is dropped as a preamble ("Here are the implications:") -- once, for the whole list.
+3. Each piece becomes "{title}\n{piece}" (title as given), and "{title}\n{stripped context}" is
+   always appended last.
 
 So an empty completion gives just the passage with `split_newlines` (the "train on passage" baseline)
-and `["{title}\\n", "{title}\\n{context}"]` without it.
+and `["{title}\n", "{title}\n{context}"]` without it.
 
 `clean_self_edit` runs before that and finds the outputs the domain must record rather than crash on:
 empty, junk without words, chat special tokens leaking from the model, and over-long edits.
+`first_usable_self_edit` is the reference's evaluation-table fallback (the first non-empty of the k
+sampled edits).
 """
 from __future__ import annotations
 
@@ -24,41 +36,43 @@ import dataclasses
 import re
 from typing import Protocol, Sequence
 
-_QUESTION_HEADER = re.compile(r"Question \d+:")
-_SPLIT_BEFORE_QUESTION = re.compile(r"\n(?=Question \d+:)")
+# Reference regexes (self-QA detection and split points); Python `re` on str: \s and \d are Unicode.
+_QUESTION_NUMBER = re.compile(r"Question\s+\d+:")
+_ANSWER = re.compile(r"Answer\s*:")
+_SPLIT_BEFORE_QUESTION = re.compile(r"\n(?=Question\s+\d+:)")
 _FIRST_QUESTION = "Question 1: "
 
 
-def _is_self_qa(segment: str) -> bool:
-    return bool(_QUESTION_HEADER.search(segment)) and "Answer:" in segment
+def is_self_qa(completion: str) -> bool:
+    return bool(_QUESTION_NUMBER.search(completion)) and bool(_ANSWER.search(completion))
 
 
-def _split_self_qa(segment: str) -> list[str]:
-    chunks = [c.strip() for c in _SPLIT_BEFORE_QUESTION.split(segment)]
-    chunks = [c for c in chunks if c]
-    if chunks and not chunks[0].startswith("Question 1:"):
-        chunks[0] = _FIRST_QUESTION + chunks[0]
-    return chunks
+def _segments(completion: str) -> list[str]:
+    segments = [s.strip() for s in completion.split("---")]
+    return [s for s in segments if s] or [completion.strip()]
 
 
-def _split_lines(segment: str) -> list[str]:
-    lines = [line.strip() for line in segment.split("\n")]
+def _split_self_qa(completion: str) -> list[str]:
+    pieces = _SPLIT_BEFORE_QUESTION.split(completion.strip())
+    if not pieces[0].lstrip().startswith("Question"):
+        pieces[0] = _FIRST_QUESTION + pieces[0].strip()
+    return pieces
+
+
+def _split_lines(segments: Sequence[str]) -> list[str]:
+    lines = [line.strip() for segment in segments for line in segment.splitlines()]
     lines = [line for line in lines if line]
-    if len(lines) >= 2 and lines[1].startswith("1."):
-        lines = lines[1:]
+    if len(lines) > 1 and lines[1].startswith("1."):
+        return lines[1:]
     return lines
 
 
 def build_train_sequences(completion: str, title: str, context: str,
                           split_newlines: bool = True) -> list[str]:
-    segments = [s.strip() for s in completion.split("---")]
-    segments = [s for s in segments if s] or [completion.strip()]
+    pieces = _segments(completion)
     if split_newlines:
-        pieces = []
-        for segment in segments:
-            pieces.extend(_split_self_qa(segment) if _is_self_qa(segment) else _split_lines(segment))
-        segments = pieces
-    return [f"{title}\n{s}" for s in segments] + [f"{title}\n{context}"]
+        pieces = _split_self_qa(completion) if is_self_qa(completion) else _split_lines(pieces)
+    return [f"{title}\n{p}" for p in pieces] + [f"{title}\n{context.strip()}"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,3 +160,30 @@ def _first_special(text: str, extra: Sequence[str]) -> tuple[int, str] | None:
         if pos >= 0:
             hits.append((pos, token))
     return min(hits) if hits else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation-table fallback
+
+FALLBACK_RULES = ("nonempty", "usable")
+
+
+def first_usable_self_edit(edits: Sequence[str], rule: str = "usable",
+                           special_tokens: Sequence[str] = ()) -> int | None:
+    """Index of the self-edit the single-passage table uses for a passage, or None if there is none.
+
+    The reference's evaluation driver drops empty completions before taking the first one
+    (`[c for c in completions if c.strip()][:1]`), so a passage whose first sample is empty is
+    scored on its next sample. "nonempty" is exactly that rule; "usable" also skips what
+    `clean_self_edit` rejects (no alphabetic word, nothing left before a leaked special token),
+    which the reference would have trained on.
+    """
+    if rule not in FALLBACK_RULES:
+        raise ValueError(f"unknown fallback rule {rule!r} (table.fallback_rule); choose from {FALLBACK_RULES}")
+    for i, edit in enumerate(edits):
+        if not isinstance(edit, str) or not edit.strip():
+            continue
+        if rule == "usable" and is_rejected(clean_self_edit(edit, special_tokens=special_tokens)[1]):
+            continue
+        return i
+    return None

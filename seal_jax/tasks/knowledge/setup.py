@@ -15,6 +15,7 @@ from seal_jax import results as R
 from seal_jax.config import ConfigError
 from seal_jax.rest_em import round_config
 from seal_jax.tasks.knowledge import data as D
+from seal_jax.tasks.knowledge.config_rules import validate_knowledge_config
 from seal_jax.tasks.knowledge.domain import KnowledgeDomain, KnowledgeSettings
 from seal_jax.tasks.knowledge.experiments import KnowledgeExperiment
 from seal_jax.tasks.knowledge.graders import make_grader
@@ -25,20 +26,50 @@ EXPERIMENTS = ("rest_em", "single_passage", "cpt", "continual", "study")
 log = logging.getLogger(__name__)
 
 
-def load_all_passages(c) -> list[D.Passage]:
-    source = c.data.source
+def _load_source(source: str, path: str, hf_name: str, hf_split: str, *, source_field: str,
+                 path_field: str, purpose: str) -> list[D.Passage]:
     if source == "embedded":
         return D.load_embedded_corpus()
     if source == "json":
-        if not c.data.path:
-            raise ConfigError("data.source=json needs data.path (a SQuAD-format JSON file)")
-        path = pathlib.Path(c.data.path)
-        if not path.exists():
-            raise ConfigError(f"data.path: file not found: {path}")
-        return D.load_squad_json(path)
+        if not path:
+            raise ConfigError(f"{source_field}=json needs {path_field} ({purpose})")
+        file = pathlib.Path(path)
+        if not file.exists():
+            raise ConfigError(f"{path_field}: file not found: {file} ({purpose})")
+        return D.load_squad_json(file)
     if source == "datasets":
-        return D.load_hf_squad(c.data.hf_split, name=c.data.hf_name)
-    raise ConfigError(f"data.source must be embedded, json or datasets, got {source!r}")
+        return D.load_hf_squad(hf_split, name=hf_name)
+    raise ConfigError(f"{source_field} must be embedded, json or datasets, got {source!r}")
+
+
+def load_all_passages(c) -> list[D.Passage]:
+    """The evaluation file (`data.source`): evaluation passages, and training too for train_source=split."""
+    return _load_source(c.data.source, c.data.path, c.data.hf_name, c.data.hf_split,
+                        source_field="data.source", path_field="data.path",
+                        purpose="a SQuAD-format JSON file")
+
+
+def load_train_passages(c) -> list[D.Passage] | None:
+    """The separate training file (`data.train_source`), or None for train_source=split."""
+    source = c.data.get("train_source", "split")
+    if source == "split":
+        return None
+    return _load_source(source, c.data.get("train_path", ""), c.data.hf_name,
+                        c.data.get("hf_train_split", "train"), source_field="data.train_source",
+                        path_field="data.train_path",
+                        purpose="the ReST-EM training passages come from a SQuAD training file, the "
+                                "reference's squad_train.json; or set data.train_source=split to take "
+                                "them from data.path")
+
+
+def split_from_config(c, passages: list[D.Passage]) -> tuple[list[D.Passage], list[D.Passage]]:
+    train_pool = load_train_passages(c)
+    try:
+        return D.split_passages(passages, int(c.data.n_train), int(c.data.n_eval), int(c.data.split_seed),
+                                shuffle="reference" if c.data.reference_shuffle else "numpy",
+                                train_pool=train_pool)
+    except ValueError as e:
+        raise ConfigError(f"data (n_train={c.data.n_train}, n_eval={c.data.n_eval}): {e}") from None
 
 
 def load_file_self_edits(path: str, passages) -> dict[str, list[str]]:
@@ -92,22 +123,22 @@ def knowledge_domain(c, tokenizer) -> KnowledgeDomain:
 
 
 def build_experiment(c) -> KnowledgeExperiment:
+    # Every value checked at once, before anything is loaded or created.
+    validate_knowledge_config(c)
     validate(c)
     X.initialize_distributed(c)
     X.engine_configs(c)  # config errors before a run directory exists
     sft_cfg = X.sft_config(c)
     rc = round_config(c, contexts_per_round=int(c.rest_em.passages_per_round))
-    run_dir = X.open_run_dir(c)
 
     passages = load_all_passages(c)
-    train, evaluation = D.split_passages(passages, int(c.data.n_train), int(c.data.n_eval),
-                                         int(c.data.split_seed),
-                                         shuffle="reference" if c.data.reference_shuffle else "numpy")
-    R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
-
+    train, evaluation = split_from_config(c, passages)
+    file_edits = load_file_self_edits(c.self_edit.from_file, passages) if c.self_edit.from_file else {}
     engine = X.build_engine(c)
     domain = knowledge_domain(c, engine.tokenizer)
-    file_edits = load_file_self_edits(c.self_edit.from_file, passages) if c.self_edit.from_file else {}
+    # Only now, with data and model loaded, does the run get (or reopen) its folder.
+    run_dir = X.open_run_dir(c)
+    R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
     records, checkpointer = X.run_files(run_dir)
     return KnowledgeExperiment(config=c, engine=engine, domain=domain, train_contexts=train,
                                eval_contexts=evaluation, run_dir=run_dir, records=records,
