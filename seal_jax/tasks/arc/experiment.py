@@ -188,8 +188,16 @@ def sample_self_edits(exp, tasks: Sequence, k: int, tag: str, seed: int) -> list
     c = exp.config.self_edit
     texts = [[""] * k for _ in tasks]
     attempts_log = []
-    pending = [(i, j) for i in range(len(tasks)) for j in range(k)]
     prompts = [exp.domain.self_edit_prompt(t) for t in tasks]
+    # A prompt that does not fit the model's context with the reply is not sampled (its slots stay
+    # empty, so they score as invalid) instead of aborting the run; the reason is logged.
+    limit = int(exp.engine.cfg.max_position_embeddings) - int(c.max_new_tokens)
+    too_long = {i for i, p in enumerate(prompts) if len(p) > limit}
+    for i in sorted(too_long):
+        attempts_log.append({"task": ids[i], "slot": None, "attempt": 0, "text": "", "valid": False,
+                             "reason": f"prompt of {len(prompts[i])} tokens + {c.max_new_tokens} new "
+                                       f"tokens exceeds the model's {limit + int(c.max_new_tokens)}"})
+    pending = [(i, j) for i in range(len(tasks)) if i not in too_long for j in range(k)]
     for attempt in range(1 + int(c.max_resamples)):
         if not pending:
             break
