@@ -152,9 +152,10 @@ def main(argv=None) -> dict:
     # -- M-step ---------------------------------------------------------------------------------
     t = time.perf_counter()
     examples = [(*domain.sft_example(task, config.text()), 1.0) for task, _, config in items]
-    sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=16, alpha=16.0, targets=targets),
-                            learning_rate=5e-5, epochs=8, batch_size=5, microbatches=1,
-                            schedule="cosine", length_buckets=(512, 1024, 2048, 4096, 8192))
+    sft_cfg = sft.SFTConfig.from_fields(lora=LoraConfig(rank=16, alpha=16.0, targets=targets),
+                                        learning_rate=5e-5, epochs=8, batch_size=5, microbatches=1,
+                                        schedule="cosine",
+                                        length_buckets=(512, 1024, 2048, 4096, 8192))
     new_params, metrics = sft.sft_update(engine.params, examples, cfg=cfg, sft_cfg=sft_cfg,
                                          eos_id=engine.eos_id, pad_id=engine.pad_id)
     jax.block_until_ready(new_params)

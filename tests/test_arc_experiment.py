@@ -51,8 +51,9 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
         c.plots = 1
         c.self_edit.max_resamples = 0  # resampling is tested on its own below
     tasks = [synthetic.make_task("flip_lr", i, num_demos=3, max_side=2) for i in range(2)]
-    sft_cfg = sft.SFTConfig(lora=LoraConfig(rank=4, alpha=4.0, targets=("q", "v")), epochs=1,
-                            batch_size=2, microbatches=1, length_buckets=(2048,))
+    sft_cfg = sft.SFTConfig.from_fields(lora=LoraConfig(rank=4, alpha=4.0, targets=("q", "v")),
+                                        epochs=1, batch_size=2, microbatches=1,
+                                        length_buckets=(2048,))
     exp = X.ArcExperiment(
         config=c, engine=engine, domain=ArcDomain(tok, settings), train_contexts=tasks,
         eval_contexts=tasks[:1], run_dir=tmp_path, records=RecordLog(tmp_path / "records.jsonl"),
@@ -117,13 +118,19 @@ def test_sampling_resamples_invalid_replies_up_to_the_limit(tmp_path):
                 for slot in slots]
 
     tok = ByteTokenizer()
-    exp = SimpleNamespace(config=c, run_dir=tmp_path, timings={},
-                          engine=SimpleNamespace(sample=sample, tokenizer=tok),
-                          domain=ArcDomain(tok, ArcSettings()))
-    tasks = [synthetic.make_task("flip_lr", 0)]
+    domain = ArcDomain(tok, ArcSettings())
+    big = synthetic.make_task("tile_lr", 0, num_demos=6, min_side=4, max_side=4)
+    context = len(domain.self_edit_prompt(big)) - 1 + c.self_edit.max_new_tokens  # big does not fit
+    exp = SimpleNamespace(config=c, run_dir=tmp_path, timings={}, domain=domain,
+                          engine=SimpleNamespace(sample=sample, tokenizer=tok,
+                                                 cfg=SimpleNamespace(max_position_embeddings=context)))
+    tasks = [synthetic.make_task("flip_lr", 0), big]
     texts = X.sample_self_edits(exp, tasks, 3, "t", seed=0)
     assert calls == [3, 2, 2]
     assert texts[0][0] == good and texts[0][1] == good and texts[0][2].startswith("```")
+    assert texts[1] == ["", "", ""]
     log = json.loads((tmp_path / "self_edits_t.json").read_text())["attempts"]
+    assert "exceeds the model's" in log[0]["reason"]
+    log = log[1:]
     assert len(log) == 7 and sum(a["valid"] for a in log) == 2
     assert all(a["reason"].startswith("markdown") for a in log if not a["valid"])

@@ -188,8 +188,16 @@ def sample_self_edits(exp, tasks: Sequence, k: int, tag: str, seed: int) -> list
     c = exp.config.self_edit
     texts = [[""] * k for _ in tasks]
     attempts_log = []
-    pending = [(i, j) for i in range(len(tasks)) for j in range(k)]
     prompts = [exp.domain.self_edit_prompt(t) for t in tasks]
+    # A prompt that does not fit the model's context with the reply is not sampled (its slots stay
+    # empty, so they score as invalid) instead of aborting the run; the reason is logged.
+    limit = int(exp.engine.cfg.max_position_embeddings) - int(c.max_new_tokens)
+    too_long = {i for i, p in enumerate(prompts) if len(p) > limit}
+    for i in sorted(too_long):
+        attempts_log.append({"task": ids[i], "slot": None, "attempt": 0, "text": "", "valid": False,
+                             "reason": f"prompt of {len(prompts[i])} tokens + {c.max_new_tokens} new "
+                                       f"tokens exceeds the model's {limit + int(c.max_new_tokens)}"})
+    pending = [(i, j) for i in range(len(tasks)) if i not in too_long for j in range(k)]
     for attempt in range(1 + int(c.max_resamples)):
         if not pending:
             break
@@ -349,12 +357,18 @@ def write_results(exp, state: dict) -> None:
 
 def _plots(exp) -> None:
     """A PNG per evaluation task (first `plots`): the attempts of its best-scoring record."""
+    def rank(r):  # solved, then tests right, then attempts made (first record wins ties)
+        tests = r["tests"]
+        return (r.get("reward") or 0, sum(t["correct"] for t in tests),
+                sum(len(t["attempts"]) for t in tests))
+
     best: dict[str, tuple] = {}
     for r in exp.records.read():
-        if "tests" in r and (r["context_id"] not in best or (r.get("reward") or 0) > best[r["context_id"]][0]):
-            best[r["context_id"]] = (r.get("reward") or 0, r)
+        if "tests" in r and (r["context_id"] not in best or rank(r) > best[r["context_id"]][0]):
+            best[r["context_id"]] = (rank(r), r)
     for t in exp.eval_contexts[: int(exp.config.plots)]:
-        reward, rec = best.get(t.id, (0, {}))
+        _, rec = best.get(t.id, (0, {}))
+        reward = rec.get("reward") or 0
         attempts = [[np.asarray(a) for a in test["attempts"]] for test in rec.get("tests", [])] or None
         plot_task(t, exp.run_dir / f"task_{t.id}.png", attempts,
                   title=f"{t.id}: best attempts of the run ({rec.get('phase', 'none')}, reward {reward})")
