@@ -113,8 +113,9 @@ def engine_configs(c) -> tuple[LoraConfig, inner.InnerConfig]:
     return to_dataclass(LoraConfig, c.lora, "lora"), to_dataclass(inner.InnerConfig, c.inner, "inner")
 
 
-def build_engine(c) -> Engine:
-    """Load the policy, build the mesh and place the base params on it."""
+def build_engine(c, engine_cls: type = Engine) -> Engine:
+    """Load the policy, build the mesh and place the base params on it (as `engine_cls`, an Engine
+    or a domain's subclass of it)."""
     from seal_jax.model.loading import load_model
 
     lora_cfg, inner_cfg = engine_configs(c)
@@ -125,11 +126,12 @@ def build_engine(c) -> Engine:
     if c.compute_dtype:
         cfg = cfg.replace(compute_dtype=c.compute_dtype)
     if tokenizer is None:
-        raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer=<HF dir with tokenizer.json>")
+        raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer='embedded', a .gguf or an "
+                          "HF dir with tokenizer.json")
     settings = EngineSettings(lora=lora_cfg, inner=inner_cfg, candidates_per_call=int(c.candidates_per_call),
                               eval_batch_size=int(c.eval.batch_size), mesh=sharding.make_mesh(c.mesh),
                               rules=sharding.rules_from_config(c.mesh))
-    return Engine(cfg, params, tokenizer, settings)
+    return engine_cls(cfg, params, tokenizer, settings)
 
 
 def make_m_step(engine: Engine, sft_cfg: sft.SFTConfig) -> MStep:

@@ -35,10 +35,10 @@ import numpy as np
 from seal_jax import rest_em, results as R
 from seal_jax.config import ConfigError, to_dataclass
 from seal_jax.domain import CandidateFailure
-from seal_jax.engine import Engine, EngineSettings, evaluate_contexts
+from seal_jax.engine import Engine, evaluate_contexts
 from seal_jax.estep import score_self_edits
-from seal_jax.experiment import (Experiment, engine_configs, initialize_distributed, make_m_step,
-                                 open_run_dir, run_files, sft_config)
+from seal_jax.experiment import (Experiment, build_engine, engine_configs, initialize_distributed,
+                                 make_m_step, open_run_dir, run_files, sft_config)
 from seal_jax.sampling import SamplingParams
 from seal_jax.tasks.arc import data as arc_data
 from seal_jax.tasks.arc import dataset as D
@@ -153,20 +153,7 @@ def build_experiment(c) -> ArcExperiment:
 
 def _build_engine(c) -> ArcEngine:
     """`seal_jax.experiment.build_engine`, as an `ArcEngine` (the shared-init option)."""
-    from seal_jax import sharding
-    from seal_jax.model.loading import load_model
-
-    lora_cfg, inner_cfg = engine_configs(c)
-    cfg, params, tokenizer = load_model(c.model, tokenizer=c.tokenizer or None,
-                                        param_dtype=c.param_dtype or None, seed=int(c.seed))
-    if c.compute_dtype:
-        cfg = cfg.replace(compute_dtype=c.compute_dtype)
-    if tokenizer is None:
-        raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer='embedded' or an HF dir")
-    engine = ArcEngine(cfg, params, tokenizer, EngineSettings(
-        lora=lora_cfg, inner=inner_cfg, candidates_per_call=int(c.candidates_per_call),
-        eval_batch_size=int(c.eval.batch_size), mesh=sharding.make_mesh(c.mesh),
-        rules=sharding.rules_from_config(c.mesh)))
+    engine = build_engine(c, engine_cls=ArcEngine)
     engine.shared_seed = int(c.seed) if c.shared_lora_init else None
     return engine
 
