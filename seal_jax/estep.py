@@ -191,6 +191,7 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
         if evaluating is not None:
             evaluating.result()
     bar.close()
+    interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
 
     for outcome in outcomes:
         summarize(outcome)
