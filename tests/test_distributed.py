@@ -266,3 +266,37 @@ def test_share_of_splits_items_into_contiguous_blocks():
     blocks = [distributed.share_of(10, i, 3) for i in range(3)]
     assert [list(b) for b in blocks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert [len(distributed.share_of(2, i, 4)) for i in range(4)] == [1, 1, 0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_cli_in_two_processes_writes_the_single_process_run(tmp_path):
+    """`python -m seal_jax` (through tests/fault_child.py, which only maps the random model's junk text
+    to words) started as 2 processes x 4 CPU devices by the local launcher writes the same records,
+    results, self-edits and selection, byte for byte, as 1 process with 8 devices; process 1 writes
+    only into its private mirror."""
+    from test_fault_injection import tiny_round_args, write_tiny_model_dir
+
+    model = write_tiny_model_dir(tmp_path / "model")
+    env = _env(8)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    child = [sys.executable, str(REPO / "tests" / "fault_child.py"), "none", "0"]
+    rc, out = _run(child + tiny_round_args(model, tmp_path / "single"), env, timeout=500)
+    assert rc == 0, out[-4000:]
+    env = _env(4)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    rc, out = _run([sys.executable, str(REPO / "launch" / "local.py"), "--num-processes", "2",
+                    "--cpu-devices", "4", "--timeout", "600", "--raw", "--", *child,
+                    *tiny_round_args(model, tmp_path / "multi"),
+                    "--config.mesh.num_processes={num_processes}",
+                    "--config.mesh.process_id={process_id}",
+                    "--config.mesh.coordinator_address={coordinator}"], env, timeout=700)
+    assert rc == 0, out[-4000:]
+    [single] = list((tmp_path / "single" / "knowledge-demo").iterdir())
+    [multi] = list((tmp_path / "multi" / "knowledge-demo").iterdir())
+    for name in ("results.json", "records.jsonl", "self_edits_round0.json", "sft_round0.json"):
+        assert (multi / name).read_bytes() == (single / name).read_bytes(), name
+    records = (multi / "records.jsonl").read_text().splitlines()
+    assert len(records) == len(set(records)) > 0  # every candidate once
+    assert (multi / ".process1").is_dir() and not list((multi / ".process1").glob("checkpoints"))
+    assert (multi / "checkpoints").is_dir()
