@@ -109,8 +109,17 @@ def sft_config(c) -> sft.SFTConfig:
 
 
 def engine_configs(c) -> tuple[LoraConfig, inner.InnerConfig]:
-    """The candidates' LoRA and inner-loop settings (parsed before any run directory exists)."""
-    return to_dataclass(LoraConfig, c.lora, "lora"), to_dataclass(inner.InnerConfig, c.inner, "inner")
+    """The candidates' LoRA and inner-loop settings (parsed before any run directory exists).
+
+    Length buckets left at their default become the backend's preferred ones (multiples of 128 on
+    TPU, `seal_jax.backends`); buckets set in the config are kept as they are."""
+    from seal_jax import backends
+
+    inner_cfg = to_dataclass(inner.InnerConfig, c.inner, "inner")
+    default = inner.InnerConfig().length_buckets
+    if tuple(inner_cfg.length_buckets) == tuple(default):
+        inner_cfg = inner_cfg.replace(length_buckets=backends.length_buckets(default=default))
+    return to_dataclass(LoraConfig, c.lora, "lora"), inner_cfg
 
 
 def build_engine(c, engine_cls: type = Engine) -> Engine:

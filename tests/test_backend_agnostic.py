@@ -5,6 +5,8 @@ CPU machine both resolve to the XLA einsum path, so the model, the inner loop an
 with them and must give exactly what `attention_impl="xla"` gives: the same program is compiled
 (had cuDNN been tried, jax would raise on a non-GPU backend instead).
 """
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import PRESETS, get_preset
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 LORA_CFG = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
 GPU_TUNED = ("cudnn", "auto")
 
@@ -108,3 +111,19 @@ def test_tpu_defaults_are_tile_multiples():
         assert cfg.param_dtype == cfg.compute_dtype == "bfloat16"
         assert "vocab_size" not in backends.model_shape_report(cfg)
     assert backends.model_shape_report(PRESETS["qwen2.5-7b"]) == {}
+
+
+def test_default_length_buckets_follow_the_backend_and_set_ones_are_kept(monkeypatch):
+    from seal_jax import backends, experiment
+    from seal_jax.config import load_config
+
+    c = load_config(str(REPO / "configs" / "knowledge.py") + ":demo")
+    _, on_this = experiment.engine_configs(c)
+    assert on_this.length_buckets == inner.InnerConfig().length_buckets  # CPU: the fine default
+    monkeypatch.setattr(backends, "current_backend", lambda: "tpu")
+    _, on_tpu = experiment.engine_configs(c)
+    assert all(b % 128 == 0 for b in on_tpu.length_buckets)
+    assert max(on_tpu.length_buckets) == max(inner.InnerConfig().length_buckets)
+    c.inner.length_buckets = (64, 4096)
+    _, chosen = experiment.engine_configs(c)
+    assert chosen.length_buckets == (64, 4096)
