@@ -12,6 +12,7 @@ candidates it fed, and whether the gathered values are right.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -45,7 +46,10 @@ def main(config) -> None:
                all(s == list(range(k)) for s in shares)),
            "row_sums_ok": bool(np.array_equal(row_sums, values.sum(1))),
            "total_ok": bool(float(total) == float(values.sum()))}
-    print("CHECK " + json.dumps(out), flush=True)
+    # One write() of the whole line: the processes share the launcher's stdout, and a print() (text,
+    # then newline, as separate writes when unbuffered) can interleave with another process's line.
+    # A single write of less than PIPE_BUF bytes to a pipe is atomic.
+    os.write(sys.stdout.fileno(), ("CHECK " + json.dumps(out) + "\n").encode())
     distributed.barrier("launch.check")
 
 
