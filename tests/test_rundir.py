@@ -5,6 +5,7 @@ import ml_collections
 import pytest
 
 from seal_jax import rundir
+from seal_jax.config import set_dotted
 from seal_jax.errors import RunDirError, UserError
 
 
@@ -15,11 +16,7 @@ def _config(**overrides):
     c.lora = ml_collections.ConfigDict({"rank": 4, "targets": ("q", "v")})
     c.rest_em = ml_collections.ConfigDict({"rounds": 1, "reps": 1})
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_dotted(c, key, value)
     return c
 
 
