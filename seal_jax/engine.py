@@ -91,10 +91,8 @@ class Engine:
               inner_cfg: Optional[inner.InnerConfig] = None) -> inner.InnerResult:
         """Fine-tune one LoRA per spec in one vmapped program (results have len(specs) rows)."""
         icfg = inner_cfg or self.settings.inner
-        data = [inner.CandidateData(sequences=list(s.sequences), loss_masks=list(s.loss_masks))
-                for s in specs]
-        hparams = [dict(s.hparams, seed=int(seed)) for s, seed in zip(specs, seeds)]
-        plan = inner.build_plan(data, hparams, icfg, pad_id=self.pad_id, eos_id=self.eos_id)
+        plan = inner.build_plan(*self._plan_inputs(specs, seeds), icfg, pad_id=self.pad_id,
+                                eos_id=self.eos_id)
         # A call that runs out of device memory is split and retried, never a crashed run.
         result = inner.train_candidates_fitting(
             self.params, plan, cfg=self.cfg, lora_cfg=self.settings.lora, inner_cfg=icfg,
@@ -105,6 +103,22 @@ class Engine:
             # takes process-local arrays.
             result = dataclasses.replace(result, lora=distributed.to_host(result.lora))
         return result
+
+    def precompile_training(self, calls: Sequence[tuple[Sequence[CandidateSpec], Sequence[int]]],
+                            inner_cfg: Optional[inner.InnerConfig] = None) -> int:
+        """Compile, concurrently, the programs that `train(specs, seeds)` will run for each of
+        `calls` (see `inner.precompile`); returns how many were compiled."""
+        icfg = inner_cfg or self.settings.inner
+        plans = [inner.build_plan(*self._plan_inputs(specs, seeds), icfg, pad_id=self.pad_id,
+                                  eos_id=self.eos_id) for specs, seeds in calls]
+        return inner.precompile(self.params, plans, cfg=self.cfg, lora_cfg=self.settings.lora,
+                                inner_cfg=icfg, mesh=self.settings.mesh, rules=self.settings.rules)
+
+    @staticmethod
+    def _plan_inputs(specs: Sequence[CandidateSpec], seeds: Sequence[int]):
+        data = [inner.CandidateData(sequences=list(s.sequences), loss_masks=list(s.loss_masks))
+                for s in specs]
+        return data, [dict(s.hparams, seed=int(seed)) for s, seed in zip(specs, seeds)]
 
     def _decode_placement(self) -> dict:
         """Sampling and answering on the engine's mesh (rows and adapters split over its devices, the

@@ -174,6 +174,11 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
     # The evaluation of call i (generate on the device, decode and grade on the host, write records)
     # runs in a worker thread while the main thread builds and dispatches the training of call i+1:
     # the host work of one overlaps the device work of the other. One worker keeps records in call order.
+    if groups:
+        # Every training program of this E-step compiled at once, in parallel, before the first call.
+        bar.set_postfix_str("compiling")
+        engine.precompile_training([([pending[j][2] for j in g], [pending[j][4] for j in g])
+                                    for g in groups])
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="estep-eval") as pool:
         evaluating = None
         for group in groups:

@@ -489,3 +489,37 @@ def test_step_config_resolves_remat_and_loss_chunk():
     small = inner.StepConfig.from_inner(CFG, LC, IC.replace(loss_chunk_mib=1), candidates_per_device=4)
     assert small.loss_chunk_tokens == (1 << 20) // (4 * 4 * CFG.vocab_size) == 256
     assert inner.StepConfig.from_inner(CFG, LC, IC.replace(loss_chunk_mib=0)).loss_chunk_tokens is None
+
+
+def _chunk_compiles(caplog) -> int:
+    """XLA compilations of the chunk program logged since `caplog` started (jax_log_compiles)."""
+    return sum("run_chunk" in r.getMessage() and "Compiling" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def log_compiles():
+    # The global flag: the `jax.log_compiles` context is thread-local, and precompile uses threads.
+    jax.config.update("jax_log_compiles", True)
+    yield
+    jax.config.update("jax_log_compiles", False)
+
+
+def test_precompile_compiles_every_program_once_and_the_calls_reuse_them(params, caplog, log_compiles):
+    # Two length buckets and two Ks: programs the calls have not compiled yet in this process.
+    ic = IC.replace(length_buckets=(16, 32, 48), epochs=1)
+    plans = [inner.build_plan(_candidates(5), None, ic, pad_id=PAD),
+             inner.build_plan(_candidates(6)[:3], None, ic, pad_id=PAD)]
+    wanted = {(p.num_candidates, t) for p in plans for _, _, t in p.chunks(ic.steps_per_chunk)}
+    assert len(wanted) >= 4  # the case is not trivial
+    before = inner.compiled_shape_count()
+    with caplog.at_level("WARNING"):
+        compiled = inner.precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic, workers=3)
+        assert compiled == len(wanted) == inner.compiled_shape_count() - before
+        assert _chunk_compiles(caplog) == compiled
+        caplog.clear()
+        results = [inner.train_candidates(params, p, cfg=CFG, lora_cfg=LC, inner_cfg=ic) for p in plans]
+        assert _chunk_compiles(caplog) == 0  # every call dispatched a precompiled program
+        assert inner.precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic) == 0
+    assert inner.compiled_shape_count() - before == compiled
+    for plan, result in zip(plans, results):
+        assert result.failure_reason == [None] * plan.num_candidates
