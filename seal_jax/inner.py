@@ -196,7 +196,9 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     for start, stop, length in plan.chunks(c):
         xs = plan.gather(start, stop, length, c)
         fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
-        step_lib.COMPILED_SHAPES.add((key, k_count, c, plan.batch_size, length))
+        shape_key = (key, k_count, c, plan.batch_size, length)
+        step_lib.COMPILED_SHAPES.add(shape_key)
+        fn = step_lib.PRECOMPILED.get(shape_key, fn)  # compiled ahead by `precompile`
         state, chunk_losses, chunk_norms = fn(frozen, state, xs, np.int32(stop - start))
         losses.append(chunk_losses[: stop - start])
         norms.append(chunk_norms[: stop - start])
@@ -311,6 +313,8 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
     compile here is left to the call itself, which reports or splits as usual. `workers`: threads
     (0: one per program, at most the host's cores).
     """
+    if mesh is not None and dist.spans_processes(mesh):
+        return 0  # each process's calls place their inputs globally first; compiled as they come
     jobs = {}
     for plan in plans:
         for piece in _fitted_pieces(plan, cfg, lora_cfg, inner_cfg):
@@ -334,7 +338,9 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
         if interrupt.stop_requested():  # Ctrl-C: stop at the next call boundary, not after all compiles
             return
         try:
-            jitted.lower(frozen, state, xs, np.int32(0)).compile()
+            # Kept and called directly: a later trace of the same function need not reuse this
+            # lowering (jit's caches key on the traced jaxpr object), so jit could compile it again.
+            step_lib.PRECOMPILED[shape_key] = jitted.lower(frozen, state, xs, np.int32(0)).compile()
         except Exception as e:  # noqa: BLE001 - the call itself compiles (and reports) it again
             log.warning("inner loop: precompiling K=%d length %d failed (%s); left to the call",
                         shape_key[1], shape_key[4], str(e).splitlines()[0][:200])

@@ -265,6 +265,11 @@ def chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state: TrainState, xs: S
     return fn
 
 
+# Executables compiled ahead of their calls (`seal_jax.inner.precompile`), by COMPILED_SHAPES key.
+PRECOMPILED: dict = {}
+
+
 def clear() -> None:
     _CHUNK_FNS.clear()
     COMPILED_SHAPES.clear()
+    PRECOMPILED.clear()

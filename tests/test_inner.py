@@ -504,22 +504,29 @@ def log_compiles():
     jax.config.update("jax_log_compiles", False)
 
 
-def test_precompile_compiles_every_program_once_and_the_calls_reuse_them(params, caplog, log_compiles):
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_precompile_compiles_every_program_once_and_the_calls_reuse_them(params, caplog, log_compiles,
+                                                                          on_mesh):
+    from seal_jax import sharding
+
+    mesh = sharding.make_mesh({"axes": {"candidate": -1}}) if on_mesh else None
     # Two length buckets and two Ks: programs the calls have not compiled yet in this process.
-    ic = IC.replace(length_buckets=(16, 32, 48), epochs=1)
+    ic = IC.replace(length_buckets=(16, 32, 48), epochs=1, steps_per_chunk=5 + on_mesh)
     plans = [inner.build_plan(_candidates(5), None, ic, pad_id=PAD),
              inner.build_plan(_candidates(6)[:3], None, ic, pad_id=PAD)]
     wanted = {(p.num_candidates, t) for p in plans for _, _, t in p.chunks(ic.steps_per_chunk)}
     assert len(wanted) >= 4  # the case is not trivial
     before = inner.compiled_shape_count()
     with caplog.at_level("WARNING"):
-        compiled = inner.precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic, workers=3)
+        compiled = inner.precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic, mesh=mesh,
+                                    workers=3)
         assert compiled == len(wanted) == inner.compiled_shape_count() - before
         assert _chunk_compiles(caplog) == compiled
         caplog.clear()
-        results = [inner.train_candidates(params, p, cfg=CFG, lora_cfg=LC, inner_cfg=ic) for p in plans]
+        results = [inner.train_candidates(params, p, cfg=CFG, lora_cfg=LC, inner_cfg=ic, mesh=mesh)
+                   for p in plans]
         assert _chunk_compiles(caplog) == 0  # every call dispatched a precompiled program
-        assert inner.precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic) == 0
+        assert inner.precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic, mesh=mesh) == 0
     assert inner.compiled_shape_count() - before == compiled
     for plan, result in zip(plans, results):
         assert result.failure_reason == [None] * plan.num_candidates
