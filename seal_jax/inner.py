@@ -192,17 +192,100 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     k_count = plan.num_candidates
 
     c = inner_cfg.steps_per_chunk
+    auto = _remat_mode(cfg, lora_cfg, inner_cfg)
     losses, norms = [], []
     for start, stop, length in plan.chunks(c):
         xs = plan.gather(start, stop, length, c)
-        fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
-        shape_key = (key, k_count, c, plan.batch_size, length)
+        fn, shape_key = _chunk_program(step_cfg, auto, mesh, rules, frozen, state, xs)
         step_lib.COMPILED_SHAPES.add(shape_key)
-        fn = step_lib.PRECOMPILED.get(shape_key, fn)  # compiled ahead by `precompile`
         state, chunk_losses, chunk_norms = fn(frozen, state, xs, np.int32(stop - start))
         losses.append(chunk_losses[: stop - start])
         norms.append(chunk_norms[: stop - start])
     return _result(plan, state, losses, norms, k_real, base_params if step_cfg.full_finetune else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Automatic remat: per program, from its compiled memory analysis
+
+# Fit keys (`_fit_key`) whose calls ran out of memory under automatic remat: remat everywhere since.
+_REMAT_FORCED: set = set()
+# Share of the device's free memory a program without remat may plan to use (the evaluation of the
+# previous call runs beside it and holds its KV cache).
+REMAT_MEMORY_SHARE = 0.8
+
+
+def _free_device_bytes() -> Optional[int]:
+    """Free memory of the first local device, None where the backend does not say (CPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        return None
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _remat_mode(cfg: ModelConfig, lora_cfg, inner_cfg: InnerConfig) -> Optional[str]:
+    """None: remat as configured; "auto": chosen per program; "forced": on (after an out-of-memory)."""
+    if inner_cfg.remat is not None or cfg.remat:
+        return None
+    if _fit_key(cfg, lora_cfg, inner_cfg) in _REMAT_FORCED:
+        return "forced"
+    return "auto" if _free_device_bytes() is not None else None
+
+
+def _planned_bytes(compiled) -> Optional[int]:
+    """Device memory a compiled program allocates beyond its (resident) arguments."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes) + int(m.output_size_in_bytes) - int(m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - no analysis on this backend: assume it fits
+        return None
+
+
+def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compiled: bool = False):
+    """(compiled executable, COMPILED_SHAPES key); compiled once per key and kept. `skip_compiled`:
+    (None, key) where jit already compiled this program in a call."""
+    fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
+    k_count, bs, length = xs.tokens.shape[1:4]
+    shape_key = (key, k_count, xs.lr.shape[0], bs, length)
+    compiled = step_lib.PRECOMPILED.get(shape_key)
+    if compiled is None and skip_compiled and shape_key in step_lib.COMPILED_SHAPES:
+        return None, shape_key
+    if compiled is None:
+        # The jitted function itself, not distributed.global_inputs' wrapper around it. Kept and
+        # called directly: a later trace of the same function need not reuse this lowering (jit's
+        # caches key on the traced jaxpr object), so jit could compile it again.
+        jitted = fn if hasattr(fn, "lower") else fn.__wrapped__
+        compiled = jitted.lower(frozen, state, xs, np.int32(0)).compile()
+        step_lib.PRECOMPILED[shape_key] = compiled
+        step_lib.COMPILED_SHAPES.add(shape_key)
+    return compiled, shape_key
+
+
+def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules, frozen, state, xs):
+    """(callable, COMPILED_SHAPES key) of the chunk program for these inputs."""
+    if remat_mode is None:
+        fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
+        k_count, bs, length = xs.tokens.shape[1:4]
+        shape_key = (key, k_count, xs.lr.shape[0], bs, length)
+        return step_lib.PRECOMPILED.get(shape_key, fn), shape_key
+    if remat_mode == "forced":
+        return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
+    choice_key = (step_cfg, mesh, rules, *xs.tokens.shape[1:4], xs.lr.shape[0])
+    remat = step_lib.REMAT_CHOICE.get(choice_key)
+    if remat is None:
+        plain = _compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)
+        need, free = _planned_bytes(plain[0]), _free_device_bytes()
+        remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
+        step_lib.REMAT_CHOICE[choice_key] = remat
+        if remat:
+            log.info("inner loop: K=%d length %d needs %.1f GiB without remat (%.1f GiB free): "
+                     "rematerialised", xs.tokens.shape[1], xs.tokens.shape[3], need / 2**30,
+                     free / 2**30)
+        else:
+            return plain
+    return _compile(step_cfg.with_remat(remat), mesh, rules, frozen, state, xs)
 
 
 def _result(plan: TrainPlan, state: TrainState, losses, norms, k_real: int, full_base) -> InnerResult:
@@ -277,7 +360,17 @@ def train_candidates_fitting(base_params, plan: TrainPlan, *, cfg: ModelConfig,
         try:
             return train(base_params, sub, init_lora=sub_init, **kw)
         except Exception as e:  # noqa: BLE001 - only allocation failures are handled
-            if not is_out_of_memory(e) or len(index) == 1:
+            if not is_out_of_memory(e):
+                raise
+            if _remat_mode(cfg, lora_cfg, inner_cfg) == "auto":
+                # The memory analysis under-counted (e.g. the evaluation beside it grew): remat
+                # everywhere first, then smaller calls.
+                _REMAT_FORCED.add(key)
+                log.warning("inner loop: K=%d ran out of device memory; retrying with remat on",
+                            len(index))
+                gc.collect()
+                return run(index)
+            if len(index) == 1:
                 raise
             half = (len(index) + 1) // 2
             _FITTED_K[key] = min(_FITTED_K.get(key, half), half)
@@ -324,35 +417,33 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
             c = inner_cfg.steps_per_chunk
             for start, stop, length in padded.chunks(c):
                 xs = padded.gather(start, stop, length, c)
-                fn, key = step_lib.chunk_fn(step_cfg, mesh, piece_rules, frozen, state, xs)
-                shape_key = (key, padded.num_candidates, c, padded.batch_size, length)
-                if shape_key not in step_lib.COMPILED_SHAPES and shape_key not in jobs:
-                    # The jitted function itself, not distributed.global_inputs' wrapper around it.
-                    jitted = fn if hasattr(fn, "lower") else fn.__wrapped__
-                    jobs[shape_key] = (jitted, frozen, state, xs)
-    if not jobs:
-        return 0
+                job_key = (step_cfg, padded.num_candidates, c, padded.batch_size, length)
+                jobs.setdefault(job_key, (step_cfg, piece_rules, frozen, state, xs))
+    mode = _remat_mode(cfg, lora_cfg, inner_cfg) or "precompile"
 
-    def compile_one(item):
-        shape_key, (jitted, frozen, state, xs) = item
+    def compile_one(job) -> None:
+        step_cfg, piece_rules, frozen, state, xs = job
         if interrupt.stop_requested():  # Ctrl-C: stop at the next call boundary, not after all compiles
             return
         try:
-            # Kept and called directly: a later trace of the same function need not reuse this
-            # lowering (jit's caches key on the traced jaxpr object), so jit could compile it again.
-            step_lib.PRECOMPILED[shape_key] = jitted.lower(frozen, state, xs, np.int32(0)).compile()
+            if mode == "precompile":
+                _compile(step_cfg, mesh, piece_rules, frozen, state, xs, skip_compiled=True)
+            else:
+                _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs)
         except Exception as e:  # noqa: BLE001 - the call itself compiles (and reports) it again
             log.warning("inner loop: precompiling K=%d length %d failed (%s); left to the call",
-                        shape_key[1], shape_key[4], str(e).splitlines()[0][:200])
-            return
-        step_lib.COMPILED_SHAPES.add(shape_key)
+                        xs.tokens.shape[1], xs.tokens.shape[3], str(e).splitlines()[0][:200])
 
+    if not jobs:
+        return 0
     workers = workers or min(len(jobs), os.cpu_count() or 1)
+    before = len(step_lib.PRECOMPILED)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                thread_name_prefix="precompile") as pool:
-        list(pool.map(compile_one, jobs.items()))
-    log.info("inner loop: precompiled %d programs on %d threads", len(jobs), workers)
-    return len(jobs)
+        list(pool.map(compile_one, jobs.values()))
+    compiled = len(step_lib.PRECOMPILED) - before
+    log.info("inner loop: precompiled %d programs on %d threads", compiled, workers)
+    return compiled
 
 
 def fitted_candidates_per_call(cfg, lora_cfg, inner_cfg) -> Optional[int]:

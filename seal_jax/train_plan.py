@@ -83,8 +83,11 @@ class InnerConfig:
     # candidate mesh shards).
     candidate_buckets: tuple = ()
     overlong: str = "truncate"  # 'truncate' (counted in InnerResult.truncated_sequences) | 'fail'
-    # Rematerialise each layer in the backward pass (less activation memory at large K, ~1/3 more
-    # compute). None: on for accelerators, off on CPU.
+    # Rematerialise each layer in the backward pass: far less activation memory at large K, but the
+    # forward runs twice (+50% compute for a frozen base: its backward is ~one forward). None
+    # (auto): per compiled program, on only where the program without it would not fit the device's
+    # free memory (its compiled memory analysis), and everywhere after a call ran out of memory;
+    # off where the backend reports no memory (CPU).
     remat: Optional[bool] = None
     # Float32 logits held at once by the chunked cross-entropy, over all K candidates of a call
     # (seal_jax/loss.py). 0: the plain loss with full [K, B, T, V] logits.

@@ -78,9 +78,9 @@ class StepConfig:
     @classmethod
     def from_inner(cls, cfg: ModelConfig, lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig,
                    candidates_per_device: int = 1) -> "StepConfig":
-        remat = inner_cfg.remat
-        if remat is None:
-            remat = cfg.remat or jax.default_backend() != "cpu"
+        # remat=None (auto) starts from the model's own setting; seal_jax.inner then turns it on
+        # per program where the program without it would not fit the device's memory.
+        remat = cfg.remat if inner_cfg.remat is None else inner_cfg.remat
         chunk = None
         if inner_cfg.loss_chunk_mib:
             per_token = 4 * cfg.vocab_size * max(1, candidates_per_device)  # float32 logits row, all K
@@ -89,6 +89,9 @@ class StepConfig:
         return cls(cfg=cfg.replace(remat=bool(remat)), lora_cfg=lora_cfg,
                    reference_faithful=inner_cfg.reference_faithful,
                    microbatches=inner_cfg.microbatches, loss_chunk_tokens=chunk)
+
+    def with_remat(self, remat: bool) -> "StepConfig":
+        return dataclasses.replace(self, cfg=self.cfg.replace(remat=bool(remat)))
 
     @property
     def full_finetune(self) -> bool:
@@ -265,11 +268,15 @@ def chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state: TrainState, xs: S
     return fn
 
 
-# Executables compiled ahead of their calls (`seal_jax.inner.precompile`), by COMPILED_SHAPES key.
+# Executables compiled ahead of their calls (`seal_jax.inner.precompile`, or to read their memory
+# needs), by COMPILED_SHAPES key.
 PRECOMPILED: dict = {}
+# Automatic remat: (StepConfig, mesh, rules, K, C, B, T) -> whether that program runs rematerialised.
+REMAT_CHOICE: dict = {}
 
 
 def clear() -> None:
     _CHUNK_FNS.clear()
     COMPILED_SHAPES.clear()
     PRECOMPILED.clear()
+    REMAT_CHOICE.clear()

@@ -482,8 +482,8 @@ def test_grouped_calls_give_each_candidate_its_own_result(params, monkeypatch):
 
 
 def test_step_config_resolves_remat_and_loss_chunk():
-    on_cpu = inner.StepConfig.from_inner(CFG, LC, IC)
-    assert on_cpu.cfg.remat is (jax.default_backend() != "cpu")  # remat=None: accelerators only
+    # remat=None (auto) starts off; seal_jax.inner turns it on per program where memory needs it.
+    assert inner.StepConfig.from_inner(CFG, LC, IC).cfg.remat is False
     assert inner.StepConfig.from_inner(CFG, LC, IC.replace(remat=True)).cfg.remat is True
     # 1 MiB of float32 logits over 4 candidates of a 256-token vocabulary: 256 tokens per chunk.
     small = inner.StepConfig.from_inner(CFG, LC, IC.replace(loss_chunk_mib=1), candidates_per_device=4)
@@ -530,3 +530,56 @@ def test_precompile_compiles_every_program_once_and_the_calls_reuse_them(params,
     assert inner.compiled_shape_count() - before == compiled
     for plan, result in zip(plans, results):
         assert result.failure_reason == [None] * plan.num_candidates
+
+
+def test_auto_remat_turns_on_only_for_programs_that_would_not_fit(params, monkeypatch):
+    from seal_jax import train_step as step_lib
+
+    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
+    ic = IC.replace(length_buckets=(16, 48), epochs=1, remat=None)
+    plan = inner.build_plan(_candidates(7), None, ic, pad_id=PAD)
+    assert {t for _, _, t in plan.chunks(ic.steps_per_chunk)} == {16, 48}
+    # What each program plans to allocate without remat (CPU executables have a memory analysis).
+    padded, step_cfg, rules, frozen, state = inner._prepare(
+        params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
+        abstract=True)
+    need = {}
+    for start, stop, t in padded.chunks(ic.steps_per_chunk):
+        compiled, _ = inner._compile(step_cfg.with_remat(False), None, rules, frozen, state,
+                                     padded.gather(start, stop, t, ic.steps_per_chunk))
+        need[t] = inner._planned_bytes(compiled)
+    assert need[48] > need[16] > 0
+    # A device whose free memory holds the short program but not the long one.
+    free = (need[16] + need[48]) / 2 / inner.REMAT_MEMORY_SHARE
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(free))
+    got = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+    chosen = {key[5]: remat for key, remat in step_lib.REMAT_CHOICE.items()}
+    assert chosen == {16: False, 48: True}
+    want = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic.replace(remat=False))
+    # Recomputed activations fuse differently: equal to rounding, compounded over the steps.
+    for a, b in zip(jax.tree.leaves(got.lora), jax.tree.leaves(want.lora)):
+        assert_close_scaled(np.asarray(a), np.asarray(b), eps_multiple=1024, what="adapter")
+
+
+def test_out_of_memory_under_auto_remat_retries_with_remat_before_splitting(params, monkeypatch):
+    plan, want = _batched(params, 1)
+    monkeypatch.setattr(inner, "_FITTED_K", {})
+    monkeypatch.setattr(inner, "_REMAT_FORCED", set())
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)  # an accelerator, ample memory
+    calls = []
+
+    def fake_device(base_params, sub_plan, **kw):
+        mode = inner._remat_mode(CFG, LC, IC)
+        calls.append((sub_plan.num_candidates, mode))
+        if mode != "forced":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 86 GiB")
+        return inner.train_candidates(base_params, sub_plan, **kw)
+
+    got = inner.train_candidates_fitting(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=IC,
+                                         train=fake_device)
+    assert calls == [(4, "auto"), (4, "forced")]  # the same K again, rematerialised
+    assert inner.fitted_candidates_per_call(CFG, LC, IC) is None
+    # Rematerialised: equal to rounding (compounded over the steps), not bit for bit.
+    for a, b in zip(jax.tree.leaves(got.lora), jax.tree.leaves(want.lora)):
+        assert_close_scaled(np.asarray(a), np.asarray(b), eps_multiple=1024, what="adapter")
+    np.testing.assert_array_equal(got.steps, want.steps)
