@@ -15,9 +15,11 @@ One round r:
    the round installs the new params as the policy and appends the adapter the M-step merged to
    `exp.policy_history`;
 5. the policy is checkpointed with orbax (step r + 1, the run state as JSON metadata) as its
-   history: every adapter merged into the base so far, a few percent of the params' size (whole
-   params only when no adapters describe them: a full fine-tune, or a run resumed from a checkpoint
-   of whole params). Then the checkpoints before the newest `RoundConfig.keep_checkpoints`
+   history: every adapter merged into the base so far (one rank-64 adapter on all projections is 17%
+   of the 135M model's float32 params, ~2% of a 7B model's bf16 ones). The whole params are saved
+   instead when no adapters describe them (a full fine-tune, or a run resumed from a checkpoint of
+   whole params) or once the adapters outweigh them. Then the checkpoints before the newest
+   `RoundConfig.keep_checkpoints`
    (`checkpoint.keep_last`) are deleted; each holds the whole history, so the newest is enough to
    resume. A resumed run rebuilds the policy as the base with the saved adapters merged in order,
    bit-identical to the params the interrupted run had. `results.json` is rewritten.
@@ -39,6 +41,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 from seal_jax import interrupt, results as R, rundir
@@ -304,16 +307,25 @@ def resume_policy(exp: "Experiment", step: int) -> dict:
 
 
 def save_policy(exp: "Experiment", step: int, metadata: dict) -> None:
-    """Checkpoint the policy as its history of adapters (whole params when it has none), then prune."""
-    ckpt = exp.checkpointer
+    """Checkpoint the policy as its history of adapters or as its params, whichever is smaller (the
+    params when no history describes them), then prune old checkpoints."""
+    ckpt, history = exp.checkpointer, exp.policy_history
+    if history is not None and _nbytes(history.adapters) > _nbytes(exp.engine.params):
+        # After enough rounds the adapters outweigh the params they describe: from here on the params
+        # are the smaller checkpoint, and the history need not be kept in memory any more.
+        exp.policy_history = None
     if exp.policy_history is not None:
         ckpt.save_policy(step, exp.policy_history, metadata)
     else:
-        # No adapters describe these params. Stored as they are: a float32 fine-tune is not exact in
-        # bfloat16 (`save(compact=True)` would find nothing narrower and only add a host copy).
+        # Stored as they are: a float32 fine-tune is not exact in bfloat16 (`save(compact=True)` would
+        # find nothing narrower and only add a host copy).
         ckpt.save(step, exp.engine.params, metadata)
     if exp.round.keep_checkpoints:  # after the save: the newest checkpoint is never the one deleted
         ckpt.prune(exp.round.keep_checkpoints)
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
 
 
 def policy_history_after(history: Optional[PolicyHistory], update: PolicyUpdate) -> Optional[PolicyHistory]:

@@ -95,10 +95,16 @@ def test_the_policy_history_follows_each_kind_of_m_step():
     assert rest_em.policy_history_after(None, PolicyUpdate({}, {}, adapter, lora_cfg)) is None
 
 
-def _saving_exp(directory, keep):
+def _saving_exp(directory, keep, param_count=1000):
+    params = {"w": np.arange(param_count, dtype=np.float32)}
     return types.SimpleNamespace(checkpointer=RunCheckpointer(directory, max_to_keep=None),
                                  round=rest_em.RoundConfig(keep_checkpoints=keep),
-                                 policy_history=PolicyHistory(base_fingerprint="base"), engine=None)
+                                 policy_history=PolicyHistory(base_fingerprint="base"),
+                                 engine=types.SimpleNamespace(params=params))
+
+
+def _adapter(value):  # 12 float32 values: 48 bytes
+    return {"q": {"a": np.full((2, 3, 1), value, np.float32), "b": np.ones((2, 1, 3), np.float32)}}
 
 
 @pytest.mark.parametrize("keep, kept", [(2, [3, 4]), (1, [4]), (0, [1, 2, 3, 4])])
@@ -106,14 +112,26 @@ def test_keep_last_prunes_older_rounds_and_the_newest_holds_the_whole_history(tm
     exp = _saving_exp(tmp_path, keep)
     lora_cfg = LoraConfig(rank=1, alpha=2.0, targets=("q",))
     for step in range(1, 5):
-        adapter = {"q": {"a": np.full((2, 3, 1), step, np.float32), "b": np.ones((2, 1, 3), np.float32)}}
-        exp.policy_history = exp.policy_history.extended(adapter, lora_cfg)
+        exp.policy_history = exp.policy_history.extended(_adapter(step), lora_cfg)
         rest_em.save_policy(exp, step, {"state": {"round": step}})
         assert exp.checkpointer.all_steps()[-1] == step  # the newest is never pruned
     assert exp.checkpointer.all_steps() == kept
     saved, meta = exp.checkpointer.restore(4)
     assert meta == {"state": {"round": 4}}
     assert [float(a["q"]["a"].flat[0]) for _, a in sorted(saved["adapters"].items())] == [1, 2, 3, 4]
+
+
+def test_once_the_adapters_outweigh_the_params_the_params_are_saved(tmp_path):
+    exp = _saving_exp(tmp_path, 0, param_count=30)  # 120 bytes: less than three adapters
+    lora_cfg = LoraConfig(rank=1, alpha=2.0, targets=("q",))
+    for step in (1, 2, 3):
+        exp.policy_history = exp.policy_history.extended(_adapter(step), lora_cfg)
+        rest_em.save_policy(exp, step, {"state": {"round": step}})
+    assert [exp.checkpointer.holds_policy_history(s) for s in (1, 2, 3)] == [True, True, False]
+    assert exp.policy_history is None  # whole params from now on
+    whole, history, meta = exp.checkpointer.restore_policy(exp.engine.params, None, 3)
+    assert history is None and meta == {"state": {"round": 3}}
+    np.testing.assert_array_equal(whole["w"], exp.engine.params["w"])
 
 
 def test_keep_last_is_read_from_the_config():
