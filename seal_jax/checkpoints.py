@@ -16,16 +16,16 @@ interrupted at any point. Two kinds of state must survive:
 Checkpoints are sized to what resuming needs. The base model is reloaded from its own file, so the
 policy is stored as its update: `PolicyHistory` is the ordered list of LoRA adapters the M-steps
 merged into the base (a rank-64 adapter on all seven projections of the 135M model is 78 MB of
-float32, 72 MB on disk, against 457 MB for a checkpoint of its float32 params), and `restore_policy` re-merges them in order with the same
-function the M-step used (`seal_jax.lora.merge_lora` on the same host arrays), so the policy comes
-back bit-identical. A checkpoint holds every adapter merged so far, so any one step is enough to
-resume and older steps can be pruned (`prune(keep_last)`). The history records a fingerprint of the
-base params it was merged into (`params_fingerprint`): restoring onto a different base model is
-refused instead of silently building another policy. A checkpoint of whole params (a full
-fine-tune, or one written before policies were stored as adapters) restores as it was saved. For
-state that must be stored whole, `save(compact=True)` keeps every float leaf in the narrowest dtype
-that holds its values exactly (a bf16 model loaded as float32 is stored as bf16), recording the
-dtype to restore.
+float32, 72 MB on disk, against 457 MB for a checkpoint of its float32 params), and `restore_policy`
+re-merges them in order with the same function the M-step used (`seal_jax.lora.merge_lora` on the
+same host arrays), so the policy comes back bit-identical. A checkpoint holds every adapter merged
+so far, so any one step is enough to resume and older steps can be pruned (`prune(keep_last)`). The
+history records a fingerprint of the base params it was merged into (`params_fingerprint`):
+restoring onto a different base model is refused instead of silently building another policy. A
+checkpoint of whole params (a full fine-tune, or one written before policies were stored as
+adapters) restores as it was saved. For state that must be stored whole, `save(compact=True)` keeps
+every float leaf in the narrowest dtype that holds its values exactly (a bf16 model loaded as
+float32 is stored as bf16), recording the dtype to restore.
 
 Multi-host: every process must call `RunCheckpointer.save/restore` (orbax coordinates the writes);
 `RecordLog` is plain file I/O and should be written by one process only.
@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
