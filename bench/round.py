@@ -215,9 +215,10 @@ def main():
     examples = [(*domain.sft_example(by_id[o.context_id], o.self_edit), 1.0) for o in chosen]
     m_step = X.make_m_step(engine, X.sft_config(c))
     with clock.phase("m_step"):
-        new_params, sft_metrics = m_step(engine.params, examples)
-        jax.block_until_ready(new_params)
-    del new_params
+        update = m_step(engine.params, examples)
+        jax.block_until_ready(update.params)
+    sft_metrics = update.metrics
+    del update
     print(f"[m_step] {clock.seconds['m_step']:.1f} s", flush=True)
 
     # Sampling: 5 self-edits per passage from the policy's prompt.

@@ -114,6 +114,10 @@ def base_config():
         rank=16, alpha=16.0, targets=TTT_TARGETS, learning_rate=5e-5, epochs=8, batch_size=5,
         microbatches=1, schedule="cosine", warmup_steps=0,
         length_buckets=(256, 512, 1024, 2048, 4096, 8192)))
+
+    # Round checkpoints: the policy as the adapters the M-steps merged into the base model, each
+    # checkpoint holding all of them, so only the newest is needed to resume.
+    c.checkpoint = ml_collections.ConfigDict(dict(keep_last=2))  # newest kept; 0 keeps all
     return c
 
 

@@ -141,6 +141,11 @@ def base_config():
     c.rest_em.sft.batch_size = 10  # global batch; microbatches = gradient-accumulation steps
     c.rest_em.sft.microbatches = 10
 
+    # Round checkpoints (runs/.../checkpoints/<round>): the policy as the adapters the M-steps merged
+    # into the base model, each checkpoint holding all of them, so only the newest is needed to resume.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep_last = 2  # newest round checkpoints kept (older ones deleted); 0 keeps all
+
     # The single-passage table, after each round: conditions evaluated on the held-out passages.
     c.table = ml_collections.ConfigDict()
     c.table.conditions = ("base", "passage_only", "self_edits")  # + "file" when self_edit.from_file

@@ -8,6 +8,7 @@ same config fields the same way:
     mesh.{axes, logical_axis_rules, num_processes, ...}   devices and sharding rules
     lora, inner, candidates_per_call, eval.batch_size      the engine (`seal_jax.engine`)
     rest_em.sft.{rank, alpha, targets, ...}                the M-step (`seal_jax.sft`)
+    checkpoint.keep_last                                   round checkpoints kept (`seal_jax.rest_em`)
     run_root, run_name, resume, progress, seed             the run directory
 
 `Experiment` is what the round (`seal_jax.rest_em`) and a domain's experiments run on.
@@ -17,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from seal_jax import compile_cache, inner, sharding, sft
-from seal_jax.checkpoints import RecordLog, RunCheckpointer
+from seal_jax.checkpoints import PolicyHistory, RecordLog, RunCheckpointer
 from seal_jax.config import ConfigError, to_dataclass
 from seal_jax.domain import Domain
 from seal_jax.engine import Engine, EngineSettings
@@ -30,7 +31,7 @@ from seal_jax.rest_em import RoundConfig
 
 log = logging.getLogger(__name__)
 
-MStep = Callable[[Any, list], tuple[Any, dict]]  # (params, [(prompt, completion, weight)]) -> (params, metrics)
+MStep = Callable[[Any, list], sft.PolicyUpdate]  # (params, [(prompt, completion, weight)]) -> update
 
 
 @dataclasses.dataclass
@@ -48,6 +49,10 @@ class Experiment:
     round: RoundConfig
     m_step: MStep
     progress: bool = True
+    # What `engine.params` hold, as the adapters merged into the base model: empty while they are the
+    # base, None once they are not base + adapters (a full fine-tune, a checkpoint of whole params).
+    # The round keeps it in step with the params and checkpoints it instead of them.
+    policy_history: Optional[PolicyHistory] = dataclasses.field(default_factory=PolicyHistory)
 
     def done_records(self) -> dict[tuple, dict]:
         """Candidate records already written (resume), keyed like `estep.score_self_edits` expects."""
@@ -81,13 +86,14 @@ def open_run_dir(c) -> pathlib.Path:
     return own
 
 
-def run_files(run_dir: pathlib.Path, max_to_keep: int = 2) -> tuple[RecordLog, RunCheckpointer]:
+def run_files(run_dir: pathlib.Path) -> tuple[RecordLog, RunCheckpointer]:
     """The record log in this process's directory; checkpoints in the run directory itself, which
-    every process writes (orbax writes each array shard once)."""
+    every process writes (orbax writes each array shard once). The checkpointer keeps every step; the
+    round prunes old ones after each save (`checkpoint.keep_last`)."""
     from seal_jax import distributed
 
     checkpoints = distributed.shared_run_dir(run_dir) / "checkpoints"
-    return RecordLog(run_dir / "records.jsonl"), RunCheckpointer(checkpoints, max_to_keep=max_to_keep)
+    return RecordLog(run_dir / "records.jsonl"), RunCheckpointer(checkpoints, max_to_keep=None)
 
 
 def initialize_distributed(c) -> None:
@@ -144,10 +150,11 @@ def build_engine(c, engine_cls: type = Engine) -> Engine:
 
 
 def make_m_step(engine: Engine, sft_cfg: sft.SFTConfig) -> MStep:
-    """The ReST-EM M-step on the engine's model, mesh and tokenizer: returns new params."""
+    """The ReST-EM M-step on the engine's model, mesh and tokenizer: new params and the merged adapter."""
 
     def m_step(params, examples):
-        return sft.sft_update(params, examples, cfg=engine.cfg, sft_cfg=sft_cfg, eos_id=engine.eos_id,
-                              pad_id=engine.pad_id, mesh=engine.settings.mesh, rules=engine.settings.rules)
+        return sft.train_policy(params, examples, cfg=engine.cfg, sft_cfg=sft_cfg, eos_id=engine.eos_id,
+                                pad_id=engine.pad_id, mesh=engine.settings.mesh,
+                                rules=engine.settings.rules)
 
     return m_step

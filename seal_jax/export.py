@@ -1,6 +1,6 @@
 """Take a round's policy out of seal_jax: an HF checkpoint directory and PEFT adapters.
 
-    python -m seal_jax.export --run runs/knowledge-demo/<id> [--round N] --out exported/
+    python -m seal_jax.export --run runs/knowledge-demo/<id> [--round N] [--model M] --out exported/
 
 writes `exported/` as an HF model directory (`model.safetensors`, `config.json`, `tokenizer.json`,
 `tokenizer_config.json`) that `transformers.AutoModelForCausalLM.from_pretrained` and
@@ -9,9 +9,13 @@ round). When the run kept candidate adapters (`rest_em.save_adapters=True`), the
 self-edits selected in round N - 1 (the ones the policy was fine-tuned on to get round N) are copied
 to `exported/adapters/<context>/edit<i>_rep<r>/` as PEFT directories for that round's *starting* policy.
 
-What the export needs besides the checkpointed weights is written by the round into the run
-directory before round 0 (`policy/`: the model's HF config.json and the tokenizer files), so a run
-directory alone is enough to export from, whatever the model was loaded from.
+A round's checkpoint holds the policy as the adapters merged into the base model
+(`seal_jax.checkpoints.PolicyHistory`), so the export loads the base model the run started from (its
+config's `model`, `param_dtype` and `seed`, as recorded in the run's `seal_run.json`; `--model` when
+the model has moved) and merges them in; the checkpoint's fingerprint of the base refuses another
+model. A checkpoint of whole params (a full fine-tune, or a run from before adapters were
+checkpointed) needs no base. What else the export needs is written by the round into the run
+directory before round 0 (`policy/`: the model's HF config.json and the tokenizer files).
 """
 from __future__ import annotations
 
@@ -79,9 +83,13 @@ def write_policy_spec(run_dir: pathlib.Path, engine) -> pathlib.Path:
     return spec
 
 
-def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, round_index: Optional[int] = None) -> dict:
-    """Write round `round_index`'s policy (default: the last) as an HF checkpoint directory at `out`."""
-    from seal_jax.checkpoints import RunCheckpointer
+def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, round_index: Optional[int] = None,
+               *, model: Optional[str] = None) -> dict:
+    """Write round `round_index`'s policy (default: the last) as an HF checkpoint directory at `out`.
+
+    `model`: the base model's spec (see `load_model`) when it is not where the run loaded it from.
+    """
+    from seal_jax.checkpoints import PolicyCheckpointError, RunCheckpointer
 
     run_dir, out = pathlib.Path(run_dir), pathlib.Path(out)
     spec = run_dir / POLICY_SPEC
@@ -90,6 +98,7 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, round_index
                           "with finished rounds")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--out {out} exists and is not empty; choose a new directory")
+    cfg = config_from_hf(json.loads((spec / "config.json").read_text()))
     ckpt = RunCheckpointer(run_dir / "checkpoints")
     try:
         steps = ckpt.all_steps()
@@ -98,15 +107,44 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, round_index
         step = steps[-1] if round_index is None else int(round_index)
         if step not in steps:
             raise ExportError(f"--round {step}: no checkpoint of that round in {run_dir}; available: {steps}")
-        params, _ = ckpt.restore(step)
+        if ckpt.holds_policy_history(step):
+            params, _, _ = ckpt.restore_policy(load_base_params(run_dir, model), cfg, step)
+        else:
+            params, _ = ckpt.restore(step)
+    except PolicyCheckpointError as e:
+        raise ExportError(f"{e} (pass it with --model)") from None
     finally:
         ckpt.close()
-    cfg = config_from_hf(json.loads((spec / "config.json").read_text()))
     save_hf_checkpoint(out, cfg, params)
     for name in TOKENIZER_FILES:
         shutil.copyfile(spec / name, out / name)
     adapters = _copy_selected_adapters(run_dir, step, out / "adapters")
     return {"round": step, "out": str(out), "adapters": [str(a) for a in adapters]}
+
+
+def load_base_params(run_dir: pathlib.Path, model: Optional[str] = None):
+    """The params of the base model the run started from, loaded as the run loaded them.
+
+    `model` overrides the run's `model`; `param_dtype` and `seed` (random presets) come from the
+    run's recorded config.
+    """
+    from seal_jax.errors import UserError
+    from seal_jax.model.loading import load_model
+    from seal_jax.rundir import MARKER
+
+    marker = run_dir / MARKER
+    config = json.loads(marker.read_text())["config"] if marker.exists() else {}
+    spec = model or config.get("model")
+    if not spec:
+        raise ExportError(f"{run_dir}: its checkpoints hold the policy as adapters on a base model "
+                          f"the run does not record; pass the base model with --model")
+    try:
+        _, params, _ = load_model(spec, param_dtype=config.get("param_dtype") or None,
+                                  seed=int(config.get("seed", 0)))
+    except UserError as e:
+        raise ExportError(f"base model: {e.one_line()} (pass the model the run started from with "
+                          f"--model)") from None
+    return params
 
 
 def _copy_selected_adapters(run_dir: pathlib.Path, step: int, dest: pathlib.Path) -> list[pathlib.Path]:
@@ -134,10 +172,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seal_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a seal_jax run directory")
     parser.add_argument("--round", type=int, default=None, help="policy after this round (default: last)")
+    parser.add_argument("--model", default=None,
+                        help="the run's base model, when it is no longer where the run loaded it from")
     parser.add_argument("--out", required=True, help="new directory for the HF checkpoint")
     args = parser.parse_args(argv)
     try:
-        info = export_run(args.run, args.out, args.round)
+        info = export_run(args.run, args.out, args.round, model=args.model)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

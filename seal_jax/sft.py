@@ -11,7 +11,9 @@ Training reuses the inner loop (`seal_jax.inner`) as a single candidate: same ho
 compiled chunk program, same optax update (torch clipping + AdamW, the schedule), gradient accumulation via
 `microbatches`. With a LoRA config the adapter is trained and merged into the base (W + scale*A@B in
 fp32, cast back), as the reference's `merge_and_unload`; the next round starts from the merged model
-with a fresh adapter. With `lora=None` the base params themselves are trained (fp32 master copy).
+with a fresh adapter. `train_policy` also hands back that adapter (`PolicyUpdate`), so the round can
+checkpoint the policy as the adapters merged into the base. With `lora=None` the base params
+themselves are trained (fp32 master copy).
 
 Reference recipe (knowledge, `train_SFT.py`): LoRA r64 / alpha 128 on all seven projections, lr 3e-4,
 2 epochs, global batch 10 (per-device 1 x grad-accum 5 x 2 GPUs), linear decay, no warmup, AdamW
@@ -28,7 +30,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from seal_jax import inner
+from seal_jax import distributed, inner
 from seal_jax import lora as lora_lib
 from seal_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig
 
@@ -96,10 +98,28 @@ def build_sft_candidate(examples: Sequence[Example], *, eos_id: int,
     return inner.CandidateData(sequences, masks), kept
 
 
-def sft_update(params, examples: Sequence[Example], *, cfg: ModelConfig,
-               sft_cfg: SFTConfig = SFTConfig(), eos_id: int, pad_id: Optional[int] = None,
-               mesh=None, rules=None) -> tuple[Any, dict]:
-    """Fine-tune the policy on the examples; returns (new base params, metrics).
+@dataclasses.dataclass(frozen=True)
+class PolicyUpdate:
+    """What one M-step did to the policy.
+
+    `params` is the new policy. With a LoRA M-step, `adapter` (host arrays, no candidate axis) and
+    `lora_cfg` are the adapter that was merged: `params == merge_lora(old params, adapter, cfg,
+    lora_cfg)` bit for bit, so a checkpoint may hold the adapter instead of the params
+    (`seal_jax.checkpoints.PolicyHistory`). `full_finetune` says the params themselves were trained:
+    no adapter describes the change. Neither set: nothing was trained, `params` is the old policy.
+    """
+
+    params: Any
+    metrics: dict
+    adapter: Optional[dict] = None
+    lora_cfg: Optional[LoraConfig] = None
+    full_finetune: bool = False
+
+
+def train_policy(params, examples: Sequence[Example], *, cfg: ModelConfig,
+                 sft_cfg: SFTConfig = SFTConfig(), eos_id: int, pad_id: Optional[int] = None,
+                 mesh=None, rules=None) -> PolicyUpdate:
+    """Fine-tune the policy on the examples; returns the new params, metrics and the merged adapter.
 
     With `sft_cfg.lora`, the trained adapter is merged into a copy of `params` (the input is not
     modified). If training hits a non-finite loss/gradient, the adapter/params from the last finite
@@ -112,7 +132,7 @@ def sft_update(params, examples: Sequence[Example], *, cfg: ModelConfig,
                "failed": False, "failure_reason": None,
                "target_tokens": int(sum(float((m > 0).sum()) for m in candidate.loss_masks))}
     if not kept:
-        return params, metrics
+        return PolicyUpdate(params, metrics)
     inner_cfg = sft_cfg.inner
     plan = inner.build_plan([candidate], [{"seed": sft_cfg.seed}], inner_cfg, pad_id=pad_id)
     result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=sft_cfg.lora,
@@ -120,8 +140,18 @@ def sft_update(params, examples: Sequence[Example], *, cfg: ModelConfig,
     metrics.update(steps=int(result.steps[0]), losses=result.losses[0].tolist(),
                    failed=bool(result.failed[0]), failure_reason=result.failure_reason[0])
     if sft_cfg.lora is None:
-        new_params = jax.tree.map(lambda a: a[0], result.lora)
-    else:
-        new_params = lora_lib.merge_lora(params, lora_lib.candidate(result.lora, 0), cfg,
-                                         sft_cfg.lora)
-    return new_params, metrics
+        return PolicyUpdate(jax.tree.map(lambda a: a[0], result.lora), metrics, full_finetune=True)
+    # The merge reads the adapter's host copy, the one a checkpoint stores: a resumed run merges the
+    # same arrays with the same program and so rebuilds these params bit for bit.
+    adapter = jax.tree.map(lambda a: a[0], distributed.to_host(result.lora))
+    new_params = lora_lib.merge_lora(params, adapter, cfg, sft_cfg.lora)
+    return PolicyUpdate(new_params, metrics, adapter, sft_cfg.lora)
+
+
+def sft_update(params, examples: Sequence[Example], *, cfg: ModelConfig,
+               sft_cfg: SFTConfig = SFTConfig(), eos_id: int, pad_id: Optional[int] = None,
+               mesh=None, rules=None) -> tuple[Any, dict]:
+    """`train_policy` for callers that need only `(new params, metrics)`."""
+    update = train_policy(params, examples, cfg=cfg, sft_cfg=sft_cfg, eos_id=eos_id, pad_id=pad_id,
+                          mesh=mesh, rules=rules)
+    return update.params, update.metrics

@@ -11,8 +11,8 @@ checked before a run folder is created, declaratively:
 A check is a function `value -> problem text | None`; a combination sees the whole flattened config
 (and the environment) and returns `(key, problem)` pairs. `check_config` also reports config keys no
 rule covers, so a new config field cannot skip validation. This module holds the checks and the rules
-for engine sections (model, LoRA, inner loop, policy SFT, mesh); a domain composes them with its own
-(`seal_jax/tasks/knowledge/config_rules.py`).
+for engine sections (model, LoRA, inner loop, policy SFT, mesh, checkpoints); a domain composes them
+with its own (`seal_jax/tasks/knowledge/config_rules.py`).
 
 Data files: `read_json_file` turns "not UTF-8", "not JSON" and "empty" into a one-line `DataError`
 naming the file (and line/column or byte offset); `require_list_of_objects` names the item at fault.
@@ -236,6 +236,10 @@ def mesh_rules(prefix: str = "mesh") -> dict[str, Check]:
     return {f"{prefix}.axes": axes, f"{prefix}.logical_axis_rules": rules,
             f"{prefix}.num_processes": integer(ge=1), f"{prefix}.coordinator_address": string(),
             f"{prefix}.process_id": integer(ge=-1)}
+
+
+def checkpoint_rules(prefix: str = "checkpoint") -> dict[str, Check]:
+    return {f"{prefix}.keep_last": integer(ge=0)}  # 0 keeps every round's checkpoint
 
 
 def sft_batch_divides(prefix: str) -> Combination:

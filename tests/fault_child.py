@@ -63,10 +63,10 @@ def main() -> None:
         hit("evaluate")  # adapted models answered and graded, nothing recorded yet
         return out
 
-    sft_update = sft.sft_update
+    train_policy = sft.train_policy
 
     def killable_sft(*args, **kwargs):
-        out = sft_update(*args, **kwargs)
+        out = train_policy(*args, **kwargs)
         hit("m_step")  # the policy is updated in memory only
         return out
 
@@ -90,7 +90,7 @@ def main() -> None:
     engine.Engine.answer = wordy_answer
     engine.Engine.train = killable_train
     estep.evaluate_contexts = killable_evaluate
-    sft.sft_update = killable_sft
+    sft.train_policy = killable_sft
     checkpoints.RecordLog.extend = killable_extend
 
     if point == "checkpoint":

@@ -208,27 +208,43 @@ def test_policy_history_rebuilds_the_policy_bit_identically_from_its_adapters(tm
     from seal_jax.model.config import LoraConfig
     from seal_jax.model.presets import get_preset
     from seal_jax.model.transformer import init_params
-    from seal_jax.checkpoints import PolicyHistory
+    from seal_jax.checkpoints import PolicyCheckpointError, PolicyHistory, params_fingerprint
 
     cfg = get_preset("tiny-llama")
     base = init_params(cfg, jax.random.key(0))
-    history, policy = PolicyHistory(), base
+    history, policy, policies = PolicyHistory(base_fingerprint=params_fingerprint(base)), base, []
     for i, lora_cfg in enumerate([LoraConfig(rank=4, alpha=8.0, targets=("q", "v")),
                                   LoraConfig(rank=2, alpha=2.0, targets=("q", "k", "v", "o", "gate", "up", "down"))]):
-        lora = candidate(random_lora(cfg, lora_cfg, 1, seed=i), 0)
+        lora = jax.tree.map(np.asarray, candidate(random_lora(cfg, lora_cfg, 1, seed=i), 0))
         policy = merge_lora(policy, lora, cfg, lora_cfg)  # what the M-step does
-        history.append(lora, lora_cfg)
+        history = history.extended(lora, lora_cfg)
+        policies.append(policy)
     ckpt = RunCheckpointer(tmp_path / "policy")
     ckpt.save_policy(2, history, {"round": 2})
     RunCheckpointer(tmp_path / "full").save(2, policy)
     assert _disk_bytes(tmp_path / "policy") * 3 < _disk_bytes(tmp_path / "full")
+    assert ckpt.holds_policy_history(2) and not RunCheckpointer(tmp_path / "full").holds_policy_history(2)
 
     restored, got_history, meta = RunCheckpointer(tmp_path / "policy").restore_policy(base, cfg)
     assert meta == {"round": 2} and got_history.lora_cfgs == history.lora_cfgs
+    assert got_history.base_fingerprint == history.base_fingerprint
     _assert_state_equal(restored, policy)  # byte for byte
-    RunCheckpointer(tmp_path / "full2").save(0, base)
-    with pytest.raises(ValueError, match="holds no policy history"):
-        RunCheckpointer(tmp_path / "full2").restore_policy(base, cfg)
+    # Params that already hold the first adapter get only the second merged on: the same bits.
+    first_only = PolicyHistory(history.adapters[:1], history.lora_cfgs[:1], history.base_fingerprint)
+    caught_up, _, _ = ckpt.restore_policy(policies[0], cfg, merged=first_only)
+    _assert_state_equal(caught_up, policy)
+
+    # A whole-params checkpoint restores as saved, with no history.
+    whole, no_history, _ = RunCheckpointer(tmp_path / "full").restore_policy(base, cfg)
+    assert no_history is None
+    _assert_state_equal(whole, policy)
+
+    other_base = init_params(cfg, jax.random.key(1))
+    with pytest.raises(PolicyCheckpointError, match="another base model"):
+        ckpt.restore_policy(other_base, cfg)
+    wrong_first = PolicyHistory(history.adapters[1:], history.lora_cfgs[1:], history.base_fingerprint)
+    with pytest.raises(PolicyCheckpointError, match="not the first 1 of its 2"):
+        ckpt.restore_policy(base, cfg, merged=wrong_first)
 
 
 def test_prune_keeps_the_newest_steps(tmp_path):

@@ -159,6 +159,9 @@ _ROUND_CHILD = textwrap.dedent("""
 
     run_dir, own_dir = distributed.process_run_dirs(make_run_dir)
     toy = toy_engine()
+    if distributed.is_main():  # the base as built here (XLA flags change its init bits): the test
+        import numpy as np     # restores the checkpointed policy, adapters on their base, onto it
+        np.savez(pathlib.Path(out_dir) / "base.npz", *map(np.asarray, jax.tree.leaves(toy.params)))
     engine = engine_lib.Engine(toy.cfg, distributed.to_host(toy.params), toy.tokenizer,
                                dataclasses.replace(toy.settings,
                                                    mesh=sharding.make_mesh({"axes": {"candidate": -1}})))
@@ -204,20 +207,24 @@ def test_two_process_round_writes_the_single_process_records_once(tmp_path):
     assert records(got_dir / ".process1") == got
     assert not (got_dir / ".process1" / "checkpoints").exists()
     # The policy after the M-step, from the checkpoint both processes saved together.
+    import jax
+
     from seal_jax.checkpoints import RunCheckpointer
     from tiny_world import tiny_model
 
-    target = tiny_model()[1]  # restore onto this process's one device
-    states = []
+    cfg, like = tiny_model()
+    states, bases = [], []
     for run_dir in (want_dir, got_dir):
+        saved = np.load(run_dir.parent / "base.npz")
+        bases.append(jax.tree.unflatten(jax.tree.structure(like),
+                                        [saved[f"arr_{i}"] for i in range(len(saved.files))]))
         ckpt = RunCheckpointer(run_dir / "checkpoints")
-        assert ckpt.all_steps() == [1]
-        states.append(ckpt.restore(1, target=target)[0])
+        assert ckpt.all_steps() == [1] and ckpt.holds_policy_history(1)
+        states.append(ckpt.restore_policy(bases[-1], cfg, 1)[0])  # the run's base + its adapter
         ckpt.close()
-    import jax
 
     moved = 0.0
-    for a, b, init in zip(*(jax.tree.leaves(t) for t in (states[1], states[0], target))):
+    for a, b, init in zip(*(jax.tree.leaves(t) for t in (states[1], states[0], bases[0]))):
         assert_close_scaled(np.asarray(a), np.asarray(b), eps_multiple=64, what="policy params")
         moved = max(moved, scaled_max_diff(np.asarray(b), np.asarray(init)))
     assert moved > 1e-4  # the M-step changed the policy: the comparison is not of two copies of init

@@ -1,7 +1,9 @@
-"""`python -m seal_jax.export`: a finished tiny run's policy loads in transformers with equal logits and
-an equal tokenizer; the selected candidates' adapters come out as PEFT directories."""
+"""`python -m seal_jax.export`: a finished tiny run's policy (its base model with the checkpointed
+adapters merged in) is the run's policy bit for bit and loads in transformers with equal logits and an
+equal tokenizer; the selected candidates' adapters come out as PEFT directories."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from seal_jax import export, rest_em
 from seal_jax.model.transformer import forward
 from seal_jax.peft_io import load_peft_adapter
 
+from tiny_world import write_tiny_model_dir
 from tolerances import assert_close_scaled
 from toy_domain import toy_experiment
 
@@ -22,15 +25,31 @@ def finished_run(tmp_path_factory):
     return exp
 
 
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """The toy run's base model as an HF folder: the toy run records no model of its own."""
+    return str(write_tiny_model_dir(tmp_path_factory.mktemp("base")))
+
+
+def test_exported_policy_is_the_runs_policy_bit_for_bit(finished_run, base_model, tmp_path):
+    from seal_jax.model.hf import load_hf_checkpoint
+
+    exp = finished_run
+    export.export_run(exp.run_dir, tmp_path / "hf", model=base_model)
+    _, params = load_hf_checkpoint(tmp_path / "hf")
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(exp.engine.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.slow
 @pytest.mark.torch
-def test_exported_policy_loads_in_transformers_with_equal_logits(finished_run, tmp_path):
+def test_exported_policy_loads_in_transformers_with_equal_logits(finished_run, base_model, tmp_path):
     import torch
     import transformers
 
     exp = finished_run
     out = tmp_path / "hf"
-    assert export.main(["--run", str(exp.run_dir), "--out", str(out)]) == 0
+    assert export.main(["--run", str(exp.run_dir), "--model", base_model, "--out", str(out)]) == 0
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
 
@@ -48,9 +67,9 @@ def test_exported_policy_loads_in_transformers_with_equal_logits(finished_run, t
 
 
 @pytest.mark.slow
-def test_selected_adapters_are_exported_as_peft_directories(finished_run, tmp_path):
+def test_selected_adapters_are_exported_as_peft_directories(finished_run, base_model, tmp_path):
     exp = finished_run
-    info = export.export_run(exp.run_dir, tmp_path / "out", round_index=1)
+    info = export.export_run(exp.run_dir, tmp_path / "out", round_index=1, model=base_model)
     chosen = json.loads((exp.run_dir / "sft_round0.json").read_text())
     assert chosen, "the tiny run must have selected something to export"
     assert len(info["adapters"]) == len(chosen)  # reps=1: one adapter per selected self-edit
@@ -70,3 +89,8 @@ def test_export_errors_name_what_is_missing(finished_run, tmp_path):
     with pytest.raises(export.ExportError, match="not empty"):
         export.export_run(finished_run.run_dir, tmp_path / "full")
     assert export.main(["--run", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    # The checkpoint holds adapters: the base model is needed, and must be the run's.
+    with pytest.raises(export.ExportError, match="does not record; pass the base model with --model"):
+        export.export_run(finished_run.run_dir, tmp_path / "d")
+    with pytest.raises(export.ExportError, match="another base model .* --model"):
+        export.export_run(finished_run.run_dir, tmp_path / "e", model="preset:tiny-llama")

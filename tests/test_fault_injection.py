@@ -17,25 +17,12 @@ import sys
 import numpy as np
 import pytest
 
-from tiny_world import CHATML, byte_tokenizer, tiny_model
+from tiny_world import write_tiny_model_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHILD = REPO / "tests" / "fault_child.py"
 RESULT_FILES = ("results.json", "records.jsonl", "self_edits_round0.json", "sft_round0.json",
                 "baseline_round0_train.json", "baseline_base.json", "baseline_seal_round1.json")
-
-
-def write_tiny_model_dir(path: pathlib.Path) -> pathlib.Path:
-    """A random tiny Llama + byte-level tokenizer as an HF folder the CLI can load."""
-    from seal_jax.model.hf import save_hf_checkpoint
-
-    path.mkdir(parents=True, exist_ok=True)
-    cfg, params = tiny_model()
-    save_hf_checkpoint(path, cfg, params)
-    byte_tokenizer()._tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
-    return path
 
 
 def tiny_round_args(model_dir, run_root) -> list[str]:
@@ -76,13 +63,19 @@ def candidate_keys(run_dir):
     return [(r["phase"], r["context_id"], r["edit_index"], r["rep"]) for r in records]
 
 
-def final_policy(run_dir):
-    from seal_jax.checkpoints import RunCheckpointer
-
-    state, _ = RunCheckpointer(run_dir / "checkpoints").restore()
+def final_policy(run_dir, model_dir):
+    """The last round's policy: the base model with the checkpoint's adapters merged in."""
     import jax
 
-    return [np.asarray(x) for x in jax.tree.leaves(state)]
+    from seal_jax.checkpoints import RunCheckpointer
+    from seal_jax.model.loading import load_model
+
+    cfg, base, _ = load_model(model_dir)
+    ckpt = RunCheckpointer(run_dir / "checkpoints")
+    assert ckpt.holds_policy_history(), "a LoRA M-step's round checkpoint stores adapters"
+    params, history, _ = ckpt.restore_policy(base, cfg)
+    assert len(history) == 1
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +127,8 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(model_dir, reference
     assert sorted(keys) == sorted(ref_keys) and len(keys) == len(set(keys)), "a candidate was redone or lost"
     for name in RESULT_FILES:
         assert (run_dir / name).read_bytes() == (reference_run / name).read_bytes(), name
-    for got, want in zip(final_policy(run_dir), final_policy(reference_run), strict=True):
+    want_policy = final_policy(reference_run, model_dir)
+    for got, want in zip(final_policy(run_dir, model_dir), want_policy, strict=True):
         np.testing.assert_array_equal(got, want)
     assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "checkpoints").glob("*tmp*"))
 

@@ -14,6 +14,7 @@ import pytest
 from seal_jax import rest_em
 from seal_jax.domain import CandidateSpec
 from seal_jax.estep import EditOutcome
+from seal_jax.sft import PolicyUpdate
 
 from tolerances import F32_EPS, assert_close_scaled
 from toy_domain import WORDS, toy_engine, toy_experiment
@@ -89,33 +90,50 @@ def test_two_rounds_best_of_k_train_select_and_update_the_policy(best_of_k_run):
         diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()),
                             exp.engine.params, start)
         assert max(jax.tree.leaves(diff)) > 0
-    restored, _ = exp.checkpointer.restore(2, target=exp.engine.params)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(exp.engine.params)):
+    # The checkpoint holds the policy as the adapters merged into the start params, one per round
+    # that selected something; merged again they give the policy bit for bit.
+    restored, history, _ = exp.checkpointer.restore_policy(start, exp.engine.cfg, 2)
+    assert len(history) == sum(bool(c) for c in chosen)
+    _assert_same_params(restored, exp.engine.params)
+
+
+def _assert_same_params(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.slow
 def test_interrupted_round_resumes_to_the_same_results(best_of_k_run, tmp_path):
-    reference, _, _ = best_of_k_run
+    reference, _, start = best_of_k_run
     first = toy_experiment(tmp_path, rounds=1)
     rest_em.run_rounds(first)
     first.checkpointer.close()
+    assert len(first.policy_history) == 1, "round 0 must merge an adapter for this test to mean much"
 
     resumed = toy_experiment(tmp_path, rounds=2)
-    original, calls = resumed.engine.train, []
+    original, calls, restored = resumed.engine.train, [], []
 
     def dies_in_round_1(specs, seeds, **kw):
         calls.append(len(specs))
+        restored.append(resumed.engine.params)
         raise KeyboardInterrupt  # the machine dies at round 1's first training call
 
     resumed.engine.train = dies_in_round_1
     with pytest.raises(KeyboardInterrupt):
         rest_em.run_rounds(resumed)
     assert len(calls) == 1 and (tmp_path / "self_edits_round1.json").exists()
+    # The base with the checkpoint's adapter merged is the policy the first run had in memory.
+    _assert_same_params(restored[0], first.engine.params)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(start)))  # not the base
+    # Run again in the same process: the engine holds round 1's policy already (no second merge).
     resumed.engine.train = original
     state = rest_em.run_rounds(resumed)
 
     assert state["round"] == 2
+    _assert_same_params(resumed.engine.params, reference.engine.params)
     want = json.loads((reference.run_dir / "results.json").read_text())
     got = json.loads((tmp_path / "results.json").read_text())
     assert got == want
@@ -147,7 +165,7 @@ def test_all_successful_keeps_every_edit_above_threshold_and_skips_ungraded(tmp_
 def test_a_round_whose_grading_fails_wholesale_stops_before_the_m_step(tmp_path):
     exp = toy_experiment(tmp_path, rounds=1, ungraded=WORDS)
     calls = []
-    exp.m_step = lambda params, examples: calls.append(examples) or (params, {})
+    exp.m_step = lambda params, examples: calls.append(examples) or PolicyUpdate(params, {})
     with pytest.raises(rest_em.RoundError, match="grading failed for all .* offline"):
         rest_em.run_rounds(exp)
     assert not calls and exp.checkpointer.latest_step() is None

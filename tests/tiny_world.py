@@ -3,6 +3,7 @@ random tiny Llama whose vocabulary matches it, and a knowledge Experiment over a
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 import ml_collections
@@ -46,6 +47,19 @@ def tiny_model(seed: int = 0):
     return cfg, init_params(cfg, jax.random.key(seed))
 
 
+def write_tiny_model_dir(path: pathlib.Path) -> pathlib.Path:
+    """A random tiny Llama + byte-level tokenizer as an HF folder the CLI can load."""
+    from seal_jax.model.hf import save_hf_checkpoint
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg, params = tiny_model()
+    save_hf_checkpoint(path, cfg, params)
+    byte_tokenizer()._tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    return path
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     from seal_jax.config import load_config
 
@@ -87,13 +101,13 @@ def tiny_experiment(run_dir: pathlib.Path, config=None, *, n_train=2, n_eval=2) 
                                         length_buckets=(512, 1024, 2048))
 
     def m_step(params, examples):
-        return sft.sft_update(params, examples, cfg=cfg, sft_cfg=sft_cfg, eos_id=tok.eos_id)
+        return sft.train_policy(params, examples, cfg=cfg, sft_cfg=sft_cfg, eos_id=tok.eos_id)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return KnowledgeExperiment(
         config=c, engine=engine, domain=domain, train_contexts=passages[:n_train],
         eval_contexts=passages[n_train:n_train + n_eval], run_dir=run_dir,
         records=RecordLog(run_dir / "records.jsonl"),
-        checkpointer=RunCheckpointer(run_dir / "checkpoints", max_to_keep=2),
+        checkpointer=RunCheckpointer(run_dir / "checkpoints", max_to_keep=None),
         round=round_config(c, contexts_per_round=int(c.rest_em.passages_per_round)), m_step=m_step,
         progress=bool(c.progress))

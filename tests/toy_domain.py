@@ -86,7 +86,7 @@ def toy_experiment(run_dir: pathlib.Path, *, rounds: int = 2, selection: str = "
                                         length_buckets=(64, 128))
 
     def m_step(params, examples):
-        return sft.sft_update(params, examples, cfg=engine.cfg, sft_cfg=sft_cfg, eos_id=engine.eos_id)
+        return sft.train_policy(params, examples, cfg=engine.cfg, sft_cfg=sft_cfg, eos_id=engine.eos_id)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     rc = RoundConfig(rounds=rounds, contexts_per_round=2, k=2, reps=1, selection=selection,
@@ -95,5 +95,5 @@ def toy_experiment(run_dir: pathlib.Path, *, rounds: int = 2, selection: str = "
     return Experiment(config=None, engine=engine, domain=ToyDomain(engine.tokenizer, ungraded),
                       train_contexts=[Word(w) for w in WORDS], eval_contexts=[Word(w) for w in WORDS],
                       run_dir=run_dir, records=RecordLog(run_dir / "records.jsonl"),
-                      checkpointer=RunCheckpointer(run_dir / "checkpoints", max_to_keep=2),
+                      checkpointer=RunCheckpointer(run_dir / "checkpoints", max_to_keep=None),
                       round=rc, m_step=m_step, progress=False)

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seal_jax import rest_em, results as R
+from seal_jax import rest_em, results as R, validation as V
 from seal_jax.config import ConfigError, to_dataclass
 from seal_jax.domain import CandidateFailure
 from seal_jax.engine import Engine, evaluate_contexts
@@ -127,6 +127,8 @@ def build_experiment(c) -> ArcExperiment:
             raise ConfigError(f"{field} must be >= 1, got {value}")
     if c.rest_em.selection not in rest_em.SELECTIONS:
         raise ConfigError(f"rest_em.selection must be one of {rest_em.SELECTIONS}")
+    # ARC has no rule for every key yet; the engine's keys that have one are checked here.
+    V.check_config(c, V.checkpoint_rules("checkpoint"), require_rules=False)
     _, inner_cfg = engine_configs(c)
     settings = arc_settings(c, inner_cfg.batch_size, inner_cfg.length_buckets[-1])
     fixed = S.SelfEditConfig(**c.fixed_config.to_dict())

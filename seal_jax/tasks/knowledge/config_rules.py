@@ -69,6 +69,7 @@ def knowledge_rules() -> dict[str, V.Check]:
     rules.update(V.lora_rules("rest_em.sft"))
     rules.update({"rest_em.sft.schedule": V.string(choices=("linear", "cosine", "constant"))})
     rules.update(V.mesh_rules("mesh"))
+    rules.update(V.checkpoint_rules("checkpoint"))
     return rules
 
 
