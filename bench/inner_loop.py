@@ -127,14 +127,15 @@ def main(argv=None):
     ap.add_argument("--models", default="llama-3.2-1b,qwen2.5-7b")
     ap.add_argument("--ks", default="1,8,32,64,128")
     ap.add_argument("--shuffle", default="independent,shared,aligned")
-    ap.add_argument("--buckets", default="64,128,256,512,1024,2048",
-                    help="sequence length buckets (one compiled program per bucket used)")
+    ap.add_argument("--buckets", default=",".join(map(str, inner.InnerConfig.length_buckets)),
+                    help="sequence length buckets (one compiled program per bucket used; default: "
+                         "InnerConfig's)")
     ap.add_argument("--steps-per-chunk", type=int, default=16)
     ap.add_argument("--epochs", type=float, default=10)
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per layer-scan iteration")
-    ap.add_argument("--remat", default="off", choices=["off", "on", "auto"],
-                    help="rematerialise layers in the backward pass (InnerConfig.remat; auto: on "
-                         "for accelerators)")
+    ap.add_argument("--remat", default="auto", choices=["off", "on", "auto"],
+                    help="rematerialise layers in the backward pass (InnerConfig.remat; auto, the "
+                         "default: per program, where it would not fit without)")
     ap.add_argument("--loss-chunk-mib", type=int, default=inner.InnerConfig.loss_chunk_mib,
                     help="chunked cross-entropy budget (InnerConfig.loss_chunk_mib); 0: plain loss")
     ap.add_argument("--faithful", action="store_true",

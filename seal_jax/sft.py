@@ -135,6 +135,9 @@ def train_policy(params, examples: Sequence[Example], *, cfg: ModelConfig,
         return PolicyUpdate(params, metrics)
     inner_cfg = sft_cfg.inner
     plan = inner.build_plan([candidate], [{"seed": sft_cfg.seed}], inner_cfg, pad_id=pad_id)
+    # Its length buckets' programs compiled at once, in parallel, rather than one per new bucket.
+    inner.precompile(params, [plan], cfg=cfg, lora_cfg=sft_cfg.lora, inner_cfg=inner_cfg, mesh=mesh,
+                     rules=rules)
     result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=sft_cfg.lora,
                                     inner_cfg=inner_cfg, mesh=mesh, rules=rules)
     metrics.update(steps=int(result.steps[0]), losses=result.losses[0].tolist(),
