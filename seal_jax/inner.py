@@ -243,12 +243,22 @@ def _planned_bytes(compiled) -> Optional[int]:
         return None
 
 
+def _shape_key(fn_key, mesh, frozen, xs) -> tuple:
+    """The COMPILED_SHAPES / PRECOMPILED key of a chunk program. Without a mesh, jit specialises the
+    program to where the frozen params already live (e.g. a caller's own sharding), so that
+    placement is part of the key."""
+    k_count, bs, length = xs.tokens.shape[1:4]
+    placement = None
+    if mesh is None and frozen is not None:
+        placement = tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(frozen))
+    return (fn_key, k_count, xs.lr.shape[0], bs, length, placement)
+
+
 def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compiled: bool = False):
     """(compiled executable, COMPILED_SHAPES key); compiled once per key and kept. `skip_compiled`:
     (None, key) where jit already compiled this program in a call."""
     fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
-    k_count, bs, length = xs.tokens.shape[1:4]
-    shape_key = (key, k_count, xs.lr.shape[0], bs, length)
+    shape_key = _shape_key(key, mesh, frozen, xs)
     compiled = step_lib.PRECOMPILED.get(shape_key)
     if compiled is None and skip_compiled and shape_key in step_lib.COMPILED_SHAPES:
         return None, shape_key
@@ -267,8 +277,7 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
     """(callable, COMPILED_SHAPES key) of the chunk program for these inputs."""
     if remat_mode is None:
         fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
-        k_count, bs, length = xs.tokens.shape[1:4]
-        shape_key = (key, k_count, xs.lr.shape[0], bs, length)
+        shape_key = _shape_key(key, mesh, frozen, xs)
         return step_lib.PRECOMPILED.get(shape_key, fn), shape_key
     if remat_mode == "forced":
         return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
