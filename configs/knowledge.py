@@ -64,6 +64,9 @@ def base_config():
     c.data.train_source = "split"  # split | json | datasets
     c.data.train_path = ""  # SQuAD-format JSON for train_source=json (e.g. SQuAD v1.1 train)
     c.data.hf_train_split = "train"  # for train_source=datasets
+    # shuffled | file. "file": the training file's own order, for a file that already is the drawn
+    # list (the reference's iter0_train.json: its first 50 passages are its round 1).
+    c.data.train_order = "shuffled"
     c.data.split_seed = 0
     c.data.n_train = 8  # passages used for ReST-EM training (split into rounds)
     c.data.n_eval = 8  # held-out passages for the single-passage table

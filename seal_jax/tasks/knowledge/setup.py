@@ -67,7 +67,8 @@ def split_from_config(c, passages: list[D.Passage]) -> tuple[list[D.Passage], li
     try:
         return D.split_passages(passages, int(c.data.n_train), int(c.data.n_eval), int(c.data.split_seed),
                                 shuffle="reference" if c.data.reference_shuffle else "numpy",
-                                train_pool=train_pool)
+                                train_pool=train_pool,
+                                train_order=str(c.data.get("train_order", "shuffled")))
     except ValueError as e:
         raise ConfigError(f"data (n_train={c.data.n_train}, n_eval={c.data.n_eval}): {e}") from None
 
