@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 
 from seal_jax import experiment as X
 from seal_jax import results as R
+from seal_jax import timings
 from seal_jax.config import ConfigError
 from seal_jax.rest_em import round_config
 from seal_jax.tasks.knowledge import data as D
@@ -124,6 +126,7 @@ def knowledge_domain(c, tokenizer) -> KnowledgeDomain:
 
 
 def build_experiment(c) -> KnowledgeExperiment:
+    start = time.perf_counter()
     # Every value checked at once, before anything is loaded or created.
     validate_knowledge_config(c)
     validate(c)
@@ -139,6 +142,7 @@ def build_experiment(c) -> KnowledgeExperiment:
     domain = knowledge_domain(c, engine.tokenizer)
     # Only now, with data and model loaded, does the run get (or reopen) its folder.
     run_dir = X.open_run_dir(c)
+    timings.record(run_dir, "setup", time.perf_counter() - start)  # validation, data, model onto devices
     R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
     records, checkpointer = X.run_files(run_dir)
     return KnowledgeExperiment(config=c, engine=engine, domain=domain, train_contexts=train,
