@@ -55,6 +55,16 @@ def test_paper_variant_names_what_the_user_must_supply(tmp_path):
                                                                  "tokenizer": str(tok)}) == {}
 
 
+def test_paper_embedded_variants_need_only_their_data_files(tmp_path):
+    """No API key, tokenizer or model path: the embedded model and the offline grader."""
+    assert set(_problems("paper_embedded")) == {"data.path", "data.train_path"}
+    assert set(_problems("paper_embedded_cpt")) == {"data.path"}
+    data = tmp_path / "squad.json"
+    data.write_text("[]")
+    assert _problems("paper_embedded", **{"data.path": str(data), "data.train_path": str(data)}) == {}
+    assert _problems("paper_embedded_cpt", **{"data.path": str(data)}) == {}
+
+
 @pytest.mark.parametrize("key, value, expect", [
     ("inner.learning_rate", -1.0, "must be > 0"),
     ("inner.learning_rate", math.nan, "must be finite"),
