@@ -27,11 +27,23 @@ TIMINGS_FILE = "timings.jsonl"
 _SESSION = f"{os.getpid()}-{secrets.token_hex(3)}"  # one per process: the run, or one of its resumes
 
 
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _append(path: pathlib.Path, entry: dict) -> None:
-    # One write() of one line, flushed: a process killed right after still leaves whole lines.
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    # One write() of one line, flushed. A line torn by a killed process is closed first, so it costs
+    # only itself (`read` skips it), not the next line too.
+    with open(path, "ab") as f:
+        torn = f.tell() > 0 and _last_byte(path) != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(entry) + "\n").encode("utf-8"))
         f.flush()
+
+
+def _last_byte(path: pathlib.Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def record(run_dir: str | os.PathLike, name: str, seconds: float, *, started_utc: str = "") -> None:
@@ -44,7 +56,7 @@ def record(run_dir: str | os.PathLike, name: str, seconds: float, *, started_utc
 @contextlib.contextmanager
 def phase(run_dir: str | os.PathLike, name: str) -> Iterator[None]:
     """Time the block as phase `name` of the run in `run_dir` (one line on exit, however it exits)."""
-    started_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started_utc = utc_now()
     start = time.perf_counter()
     status = "failed"
     try:

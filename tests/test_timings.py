@@ -37,6 +37,9 @@ def test_a_resumed_phase_is_summed_over_sessions_and_a_torn_line_is_skipped(tmp_
         {"phase": "round0/estep", "seconds": 15.5, "calls": 2, "sessions": 2, "done": True},
         {"phase": "setup", "seconds": 2.0, "calls": 1, "sessions": 1, "done": True},
         {"phase": "round1/estep", "seconds": 3.0, "calls": 1, "sessions": 1, "done": False}]
+    timings.record(tmp_path, "round1/estep", 1.0)  # the next session: its line survives the torn one
+    assert [e["phase"] for e in timings.read(tmp_path)][-1] == "round1/estep"
+    (tmp_path / timings.TIMINGS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
     md = "\n".join(timings.markdown(timings.read(tmp_path)))
     assert "summed over 2 session(s)" in md and "| round1/estep | 3 | 1 | no |" in md
     assert "| total | 20.5 | 2 |  |" in md
