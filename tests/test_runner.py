@@ -199,3 +199,18 @@ def test_an_unreachable_grader_is_ungraded_never_zero_and_stops_the_round(tmp_pa
     scored = [r for r in exp.records.read() if r["phase"] == "round0/score" and not r["failed"]]
     assert scored and all(r["reward"] is None and r["ungraded"] for r in scored)
     assert exp.checkpointer.latest_step() is None  # no M-step on zeros, no checkpoint
+
+
+def test_engine_samples_self_edit_batch_size_rows_at_once(tmp_path):
+    """self_edit.batch_size reaches the sampler (rows decoded at once); arc's config has no such key
+    and keeps the engine's default."""
+    from seal_jax import experiment
+    from seal_jax.engine import EngineSettings
+    from test_fault_injection import write_tiny_model_dir
+
+    c = tiny_config(**{"self_edit.batch_size": 5, "compile_cache": False})
+    c.model = str(write_tiny_model_dir(tmp_path / "model"))
+    assert experiment.build_engine(c).settings.sample_batch_size == 5
+    with c.unlocked():
+        del c.self_edit["batch_size"]
+    assert experiment.build_engine(c).settings.sample_batch_size == EngineSettings.sample_batch_size

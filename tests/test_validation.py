@@ -96,6 +96,7 @@ def test_paper_embedded_variants_need_only_their_data_files(tmp_path):
     ("table.conditions", ("base", "oracle"), "unknown ['oracle']"),
     ("resume", "/nonexistent/run", "no such file or folder"),
     ("data.train_order", "sorted", "must be one of"),
+    ("self_edit.batch_size", 0, "must be >= 1"),
 ])
 def test_each_bad_value_is_named_with_its_key_and_value(key, value, expect):
     problems = _problems(**{key: value})

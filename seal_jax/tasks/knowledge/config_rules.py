@@ -39,7 +39,7 @@ def knowledge_rules() -> dict[str, V.Check]:
         "self_edit.prompt": V.string(choices=PROMPT_KEYS), "self_edit.k": V.integer(ge=1),
         "self_edit.temperature": V.number(ge=0), "self_edit.top_p": V.number(gt=0, le=1),
         "self_edit.max_new_tokens": V.integer(ge=1), "self_edit.split_newlines": V.boolean(),
-        "self_edit.max_sequence_tokens": V.integer(ge=2), "self_edit.from_file": V.existing_path(kind="file"),
+        "self_edit.max_sequence_tokens": V.integer(ge=2), "self_edit.batch_size": V.integer(ge=1), "self_edit.from_file": V.existing_path(kind="file"),
         "candidates_per_call": V.integer(ge=1),
         "eval.max_new_tokens": V.integer(ge=1), "eval.batch_size": V.integer(ge=1), "eval.reps": V.integer(ge=1),
         "grader.kind": V.string(choices=GRADERS), "grader.f1_threshold": V.number(ge=0, le=1),
