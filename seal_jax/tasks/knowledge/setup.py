@@ -126,6 +126,7 @@ def knowledge_domain(c, tokenizer) -> KnowledgeDomain:
 
 
 def build_experiment(c) -> KnowledgeExperiment:
+    started_utc = timings.utc_now()
     start = time.perf_counter()
     # Every value checked at once, before anything is loaded or created.
     validate_knowledge_config(c)
@@ -142,7 +143,8 @@ def build_experiment(c) -> KnowledgeExperiment:
     domain = knowledge_domain(c, engine.tokenizer)
     # Only now, with data and model loaded, does the run get (or reopen) its folder.
     run_dir = X.open_run_dir(c)
-    timings.record(run_dir, "setup", time.perf_counter() - start)  # validation, data, model onto devices
+    # validation, data, the model onto the devices (the run directory only exists from here on)
+    timings.record(run_dir, "setup", time.perf_counter() - start, started_utc=started_utc)
     R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
     records, checkpointer = X.run_files(run_dir)
     return KnowledgeExperiment(config=c, engine=engine, domain=domain, train_contexts=train,
