@@ -6,7 +6,8 @@ same config fields the same way:
 
     model, tokenizer, param_dtype, compute_dtype    the policy (`seal_jax.model.loading.load_model`)
     mesh.{axes, logical_axis_rules, num_processes, ...}   devices and sharding rules
-    lora, inner, candidates_per_call, eval.batch_size      the engine (`seal_jax.engine`)
+    lora, inner, candidates_per_call, eval.batch_size,
+    self_edit.batch_size (when the config has it)          the engine (`seal_jax.engine`)
     rest_em.sft.{rank, alpha, targets, ...}                the M-step (`seal_jax.sft`)
     checkpoint.keep_last                                   round checkpoints kept (`seal_jax.rest_em`)
     run_root, run_name, resume, progress, seed             the run directory
@@ -144,7 +145,9 @@ def build_engine(c, engine_cls: type = Engine) -> Engine:
         raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer='embedded', a .gguf or an "
                           "HF dir with tokenizer.json")
     settings = EngineSettings(lora=lora_cfg, inner=inner_cfg, candidates_per_call=int(c.candidates_per_call),
-                              eval_batch_size=int(c.eval.batch_size), mesh=sharding.make_mesh(c.mesh),
+                              eval_batch_size=int(c.eval.batch_size),
+                              sample_batch_size=int(c.self_edit.get("batch_size", EngineSettings.sample_batch_size)),
+                              mesh=sharding.make_mesh(c.mesh),
                               rules=sharding.rules_from_config(c.mesh))
     return engine_cls(cfg, params, tokenizer, settings)
 

@@ -14,7 +14,11 @@ once — even while the main thread is inside XLA. A watcher thread reads it:
 * first signal: sets the stop flag and says so on stderr. The driver calls `check()` between calls
   (after a chunk of candidates is recorded, between phases); it raises `Interrupted`, the run unwinds
   normally, and the CLI prints how to resume and exits 130.
-* second signal: abandon now. The registered flush callbacks run (close progress bars, flush logs —
+* the same signal again within `DUPLICATE_WINDOW_S`: the same request delivered twice, ignored.
+  `timeout -s TERM N cmd` sends the signal to its child and then to the child's whole process group,
+  so a command run directly under timeout(1) receives every signal twice, microseconds apart; taken
+  as two requests it would abandon the run instead of stopping it cleanly.
+* a second signal after that: abandon now. The registered flush callbacks run (close progress bars, flush logs —
   records are fsynced as they are appended anyway), the resume hint is printed, and the process ends
   with `os._exit(130)`, which skips interpreter shutdown and so cannot race XLA's threads.
 """
@@ -26,6 +30,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable, Iterator, Optional, Sequence
 
 from seal_jax.errors import EXIT_INTERRUPTED, Interrupted
@@ -33,6 +38,7 @@ from seal_jax.errors import EXIT_INTERRUPTED, Interrupted
 _lock = threading.Lock()
 _active: Optional["_Watcher"] = None
 _resume_hint: Optional[str] = None
+DUPLICATE_WINDOW_S = 0.2  # a repeat of the first signal this soon is the same request (see above)
 
 
 class _Watcher:
@@ -40,6 +46,7 @@ class _Watcher:
         self.signals = tuple(signals)
         self.count = 0
         self.first_signal: Optional[int] = None
+        self.first_time = 0.0
         self.stop = threading.Event()
         self.flush_callbacks: list[Callable[[], None]] = []
         self._rsock, self._wsock = socket.socketpair()
@@ -81,10 +88,13 @@ class _Watcher:
                     self._on_signal(signum)
 
     def _on_signal(self, signum: int) -> None:
+        now = time.monotonic()
+        if self.count and signum == self.first_signal and now - self.first_time < DUPLICATE_WINDOW_S:
+            return  # delivered to this process and to its process group at once (timeout(1))
         self.count += 1
         name = signal.Signals(signum).name
         if self.count == 1:
-            self.first_signal = signum
+            self.first_signal, self.first_time = signum, now
             self.stop.set()
             _say(f"\n{name}: stopping after the current call (send it again to abandon now)")
             return

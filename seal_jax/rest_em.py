@@ -26,6 +26,9 @@ One round r:
    `python -m seal_jax.export --run <dir> --round r+1` turns the policy into an HF checkpoint (and,
    with `save_adapters`, the selected candidates' adapters into PEFT directories).
 
+Each step's wall time goes to the run's `timings.jsonl` (`seal_jax.timings`): round<r>/baseline,
+/sample, /estep, /m_step, /checkpoint.
+
 A domain adds its own evaluation table through `RoundHooks.evaluate`, called before the first round
 (index 0) and after every round (index r + 1), and its own report through `RoundHooks.write_results`.
 
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from seal_jax import interrupt, results as R, rundir
+from seal_jax import interrupt, results as R, rundir, timings
 from seal_jax.checkpoints import PolicyHistory, params_fingerprint
 from seal_jax.errors import UserError
 from seal_jax.domain import CandidateFailure
@@ -277,7 +280,8 @@ def run_rounds(exp: "Experiment", hooks: RoundHooks = RoundHooks()) -> dict:
         if hooks.evaluate is not None:
             state["table"] += hooks.evaluate(exp, r + 1)
         state["round"] = r + 1
-        save_policy(exp, r + 1, {"state": R.json_safe(state)})
+        with timings.phase(exp.run_dir, f"round{r}/checkpoint"):
+            save_policy(exp, r + 1, {"state": R.json_safe(state)})
         write(exp, state)
         interrupt.check(f"round {r} (checkpointed)")
     return state
@@ -340,8 +344,10 @@ def one_round(exp: "Experiment", r: int) -> dict:
     rc = exp.round
     contexts = round_contexts(exp.train_contexts, r, rc.contexts_per_round)
     tag = f"round{r}"
-    baseline = baseline_scores(exp, contexts, f"{tag}_train")
-    edits = sample_self_edits(exp, contexts, rc.k, tag, seed=rc.seed + 1000 * (r + 1))
+    with timings.phase(exp.run_dir, f"{tag}/baseline"):
+        baseline = baseline_scores(exp, contexts, f"{tag}_train")
+    with timings.phase(exp.run_dir, f"{tag}/sample"):
+        edits = sample_self_edits(exp, contexts, rc.k, tag, seed=rc.seed + 1000 * (r + 1))
     interrupt.check(f"sampling round {r}'s self-edits (saved)")
     items = [(c, i, e) for c, es in zip(contexts, edits) for i, e in enumerate(es)]
     skipped = too_long_contexts(exp, tag)
@@ -350,11 +356,12 @@ def one_round(exp: "Experiment", r: int) -> dict:
         cid = exp.domain.context_id(ctx)
         return CandidateFailure(skipped[cid]) if cid in skipped else exp.domain.build_candidate(ctx, text)
 
-    outcomes = score_self_edits(exp.engine, exp.domain, items, reps=rc.reps, seed=rc.seed + r,
-                                phase=f"{tag}/score", done=exp.done_records(), build=build,
-                                on_record=exp.records.append, progress=exp.progress,
-                                config_hash=rundir.training_config_hash(exp.config or {}),
-                                adapter_root=exp.run_dir / ADAPTERS if rc.save_adapters else None)
+    with timings.phase(exp.run_dir, f"{tag}/estep"):
+        outcomes = score_self_edits(exp.engine, exp.domain, items, reps=rc.reps, seed=rc.seed + r,
+                                    phase=f"{tag}/score", done=exp.done_records(), build=build,
+                                    on_record=exp.records.append, progress=exp.progress,
+                                    config_hash=rundir.training_config_hash(exp.config or {}),
+                                    adapter_root=exp.run_dir / ADAPTERS if rc.save_adapters else None)
     check_graded(outcomes, f"round {r}")
     chosen = select(outcomes, baseline, rc)
     by_id = {exp.domain.context_id(c): c for c in contexts}
@@ -363,7 +370,8 @@ def one_round(exp: "Experiment", r: int) -> dict:
                  [{"context_id": o.context_id, "edit_index": o.edit_index, "reward": o.reward,
                    "baseline": baseline.get(o.context_id), "completion": o.self_edit} for o in chosen])
     if examples:
-        update = exp.m_step(exp.engine.params, examples)
+        with timings.phase(exp.run_dir, f"{tag}/m_step"):
+            update = exp.m_step(exp.engine.params, examples)
         exp.engine.params = update.params
         exp.policy_history = policy_history_after(exp.policy_history, update)
         sft_metrics = update.metrics
@@ -395,5 +403,5 @@ def rounds_markdown(state: dict) -> list[str]:
 def write_results(exp: "Experiment", state: dict) -> None:
     """Default report: results.json (the state) and results.md (the rounds table)."""
     R.write_json(exp.run_dir / "results.json", state)
-    md = [f"# SEAL rounds: {exp.domain.name}"] + rounds_markdown(state)
+    md = [f"# SEAL rounds: {exp.domain.name}"] + rounds_markdown(state) + timings.markdown(timings.read(exp.run_dir))
     (exp.run_dir / "results.md").write_text("\n".join(md) + "\n")

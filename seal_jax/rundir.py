@@ -37,7 +37,7 @@ MARKER = "seal_run.json"
 MARKER_FORMAT = 1
 # Files written while a run is set up, before any result: a folder holding only these (and empty
 # folders) has produced nothing and is removed when the run fails.
-SETUP_FILES = frozenset({MARKER, "config.json", "split.json"})
+SETUP_FILES = frozenset({MARKER, "config.json", "split.json", "timings.jsonl"})  # seal_jax.timings
 _fresh_runs: list["RunDir"] = []  # created by this process (see discard_unproductive_runs)
 
 # Keys whose change does not alter any result already on disk: more (or fewer) rounds continue the

@@ -1,6 +1,7 @@
 """SIGINT/SIGTERM: the first signal stops at the next check, the second abandons at once (exit 130);
 Ctrl-C during an XLA compilation neither segfaults nor hangs."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,35 @@ def test_sigterm_stops_a_loop_at_the_next_check(tmp_path):
     out, err = _finish(proc, timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, (proc.returncode, out, err)
     assert "stopped by SIGTERM after a step" in out and "SIGTERM: stopping after the current call" in err
+
+
+@pytest.mark.slow
+def test_a_signal_delivered_twice_at_once_is_one_stop_request(tmp_path):
+    """timeout(1) signals its child and then the child's process group: a run started directly under
+    `timeout -s TERM` gets SIGTERM twice within microseconds and must stop cleanly, not abandon."""
+    proc = _start(60, tmp_path)  # seconds of compilation: both signals arrive during one call
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    # Whether the kernel merges the two deliveries depends on which thread takes the first one and
+    # when (a busy XLA process takes both); 20 ms apart they always arrive as two, as in the worst case.
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = _finish(proc, timeout=180)
+    assert proc.returncode == EXIT_INTERRUPTED, (proc.returncode, out, err)
+    assert "stopped by SIGTERM after the compile" in out and "abandoning" not in err
+    assert not (tmp_path / "flushed").exists()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_timeout_stops_a_run_cleanly(tmp_path, sig):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(["timeout", "-s", sig, "12", sys.executable, "-c", CHILD, "0",
+                           str(tmp_path / "flushed")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 124, (proc.returncode, proc.stdout, proc.stderr)  # timeout's "timed out"
+    assert f"interrupted: stopped by SIG{sig} after a step" in proc.stdout, proc.stdout + proc.stderr
+    assert "abandoning" not in proc.stderr and not (tmp_path / "flushed").exists()
 
 
 def test_in_process_flag_check_and_handlers_restored():

@@ -194,6 +194,18 @@ def test_split_with_a_separate_training_file():
         data.split_passages(val, len(leaky), 10, seed=42, train_pool=leaky)
 
 
+def test_training_file_in_its_own_order():
+    """train_order="file": a training file that already is the draw (the reference's iter0_train.json)
+    is taken as written; the evaluation passages do not change."""
+    val, train_file = _many(30), [Passage(f"Train{i}", f"train context {i}", (), f"t{i}") for i in range(12)]
+    train, evals = data.split_passages(val, 5, 10, seed=42, train_pool=train_file, train_order="file")
+    assert train == train_file[:5]
+    assert evals == data.split_passages(val, 5, 10, seed=42, train_pool=train_file)[1]
+    assert data.split_passages(val, 5, 10, seed=42, train_pool=train_file)[0] != train_file[:5]
+    with pytest.raises(ValueError, match="unknown train order"):
+        data.split_passages(val, 5, 10, seed=42, train_pool=train_file, train_order="sorted")
+
+
 def test_shared_squad_dev_loads(shared_dir):
     passages = data.load_squad_json(shared_dir / "data/squad/squad_dev_public.json")
     assert len(passages) == 1817 and sum(len(p.questions) for p in passages) == 9316

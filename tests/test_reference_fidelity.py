@@ -18,7 +18,7 @@ from seal_jax import results as R
 from seal_jax.config import ConfigError, load_config
 from seal_jax.tasks.base import EvalJob, EvalRequest
 from seal_jax.tasks.knowledge import graders as G
-from seal_jax.tasks.knowledge import prompts, setup
+from seal_jax.tasks.knowledge import data, prompts, setup
 from seal_jax.tasks.knowledge.data import Passage, Question
 from seal_jax.tasks.knowledge.domain import KnowledgeDomain, KnowledgeSettings
 from seal_jax.tasks.knowledge.sequences import build_train_sequences
@@ -314,6 +314,33 @@ def test_paper_variant_selects_the_reference_evaluation_passages(tmp_path):
         [(r["title"], r["context"]) for r in expected_val[200:250]]
 
 
+def test_paper_embedded_variant_trains_on_the_reference_rounds_and_evaluates_its_passages(shared_dir):
+    """Round 1 = the first 50 passages of iter0_train.json in file order (the reference's round 1: its
+    SFT file's 50 prompts are those passages in that order); evaluation = the first 200 of the seed-42
+    shuffle of the dev file; the embedded model's prompt plus the generation cap fit its positions."""
+    from seal_jax.rest_em import round_contexts
+
+    squad = shared_dir / "data" / "squad"
+    c = get_config("paper_embedded")
+    c.data.path, c.data.train_path = str(squad / "squad_dev_public.json"), str(
+        squad / "self_edits_qwen7b_train_iter0.json")
+    training, evaluation = setup.split_from_config(c, setup.load_all_passages(c))
+    train_file = json.loads((squad / "self_edits_qwen7b_train_iter0.json").read_text())
+    assert [(p.title, p.context) for p in training] == [(r["title"], r["context"]) for r in train_file]
+    sft_prompts = [json.loads(line)["prompt"] for line in
+                   (squad / "rest_em_sft_qwen7b_iter0.jsonl").read_text().splitlines()]
+    round1 = round_contexts(training, 0, int(c.rest_em.passages_per_round))
+    assert len(round1) == 50 and all(p.context in prompt for p, prompt in zip(round1, sft_prompts))
+    assert sum(len(p.questions) for p in round1) == 225  # reference-knowledge §1.6
+    round2 = round_contexts(training, 1, int(c.rest_em.passages_per_round))
+    assert not {p.id for p in round1} & {p.id for p in round2}
+    dev = data.load_squad_json(squad / "squad_dev_public.json")
+    assert evaluation == data.shuffled(dev, 42, shuffle="reference")[:200]
+    setup.validate(c)
+    assert (c.model, c.chat, c.grader.kind, c.self_edit.max_new_tokens) == ("embedded", True, "em_f1", 1024)
+    assert 842 + c.self_edit.max_new_tokens <= 8192  # the longest dev prompt (chat template) + the cap
+
+
 def test_paper_variant_length_caps_and_table_fallback():
     c = get_config("paper")
     assert c.self_edit.max_new_tokens == 8192 and c.self_edit.max_sequence_tokens == 2048
@@ -322,7 +349,7 @@ def test_paper_variant_length_caps_and_table_fallback():
     setup.validate(c)
 
 
-def test_table_scores_the_first_non_empty_sample(monkeypatch):
+def test_table_scores_the_first_non_empty_sample(monkeypatch, tmp_path):
     """The reference's eval driver: `[c for c in completions if c.strip()][:1]`."""
     import types
 
@@ -342,7 +369,7 @@ def test_table_scores_the_first_non_empty_sample(monkeypatch):
                         lambda exp, ps, k, tag, seed: [samples[p.id][:k] for p in ps])
     c = get_config("paper")
     exp = types.SimpleNamespace(config=c, eval_contexts=passages, engine=None, domain=None,
-                                file_self_edits=samples, done_records=dict,
+                                file_self_edits=samples, done_records=dict, run_dir=tmp_path,
                                 records=types.SimpleNamespace(append=None), progress=False)
     for condition in ("self_edits", "file"):
         scored.clear()

@@ -57,6 +57,13 @@ def test_rest_em_round_writes_table_records_and_checkpoint(finished_run):
     saved = json.loads((exp.run_dir / "results.json").read_text())
     assert saved["rounds"][0]["self_edits"] == 4 and saved["rounds"][0]["ungraded_candidates"] == 0
     assert (exp.run_dir / "results.md").read_text().startswith("# Knowledge incorporation")
+    # Wall time per phase, outside results.json (which stays deterministic).
+    from seal_jax import timings
+    phases = [e["phase"] for e in timings.read(exp.run_dir)]
+    assert {"table/base/base", "table/base/passage_only/score", "table/base/self_edits/sample",
+            "table/base/self_edits/score", "round0/baseline", "round0/sample", "round0/estep",
+            "round0/checkpoint", "table/seal_round1/self_edits/sample"} <= set(phases)
+    assert "timings" not in saved and "## Wall time per phase" in (exp.run_dir / "results.md").read_text()
     sft = json.loads((exp.run_dir / "sft_round0.json").read_text())
     assert len(sft) == state["rounds"][0]["selected"] <= 2
 
@@ -145,6 +152,13 @@ def test_cpt_trains_one_adapter_on_all_passages_and_reports_pooled_accuracy(tmp_
     for row in out["rows"]:
         assert 0.0 <= row["pooled_accuracy"] <= 1.0
     assert (exp.run_dir / "results.md").exists()
+    # A resumed CPT run reads the finished conditions back instead of training them again.
+    calls.clear()
+    again = experiments.cpt(exp)
+    assert calls == [] and again["rows"] == json.loads((exp.run_dir / "results.json").read_text())["rows"]
+    from seal_jax import timings
+    assert {"cpt/sample", "cpt/base", "cpt/passage_only/train", "cpt/passage_only/eval",
+            "cpt/self_edits/train", "cpt/self_edits/eval"} <= {e["phase"] for e in timings.read(exp.run_dir)}
 
 
 def test_continual_builds_the_forgetting_matrix(tmp_path):
@@ -185,3 +199,18 @@ def test_an_unreachable_grader_is_ungraded_never_zero_and_stops_the_round(tmp_pa
     scored = [r for r in exp.records.read() if r["phase"] == "round0/score" and not r["failed"]]
     assert scored and all(r["reward"] is None and r["ungraded"] for r in scored)
     assert exp.checkpointer.latest_step() is None  # no M-step on zeros, no checkpoint
+
+
+def test_engine_samples_self_edit_batch_size_rows_at_once(tmp_path):
+    """self_edit.batch_size reaches the sampler (rows decoded at once); arc's config has no such key
+    and keeps the engine's default."""
+    from seal_jax import experiment
+    from seal_jax.engine import EngineSettings
+    from test_fault_injection import write_tiny_model_dir
+
+    c = tiny_config(**{"self_edit.batch_size": 5, "compile_cache": False})
+    c.model = str(write_tiny_model_dir(tmp_path / "model"))
+    assert experiment.build_engine(c).settings.sample_batch_size == 5
+    with c.unlocked():
+        del c.self_edit["batch_size"]
+    assert experiment.build_engine(c).settings.sample_batch_size == EngineSettings.sample_batch_size

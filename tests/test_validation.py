@@ -55,6 +55,16 @@ def test_paper_variant_names_what_the_user_must_supply(tmp_path):
                                                                  "tokenizer": str(tok)}) == {}
 
 
+def test_paper_embedded_variants_need_only_their_data_files(tmp_path):
+    """No API key, tokenizer or model path: the embedded model and the offline grader."""
+    assert set(_problems("paper_embedded")) == {"data.path", "data.train_path"}
+    assert set(_problems("paper_embedded_cpt")) == {"data.path"}
+    data = tmp_path / "squad.json"
+    data.write_text("[]")
+    assert _problems("paper_embedded", **{"data.path": str(data), "data.train_path": str(data)}) == {}
+    assert _problems("paper_embedded_cpt", **{"data.path": str(data)}) == {}
+
+
 @pytest.mark.parametrize("key, value, expect", [
     ("inner.learning_rate", -1.0, "must be > 0"),
     ("inner.learning_rate", math.nan, "must be finite"),
@@ -85,6 +95,8 @@ def test_paper_variant_names_what_the_user_must_supply(tmp_path):
     ("mesh.axes", {"candidate": 0}, "sizes must be integers >= 1 or -1"),
     ("table.conditions", ("base", "oracle"), "unknown ['oracle']"),
     ("resume", "/nonexistent/run", "no such file or folder"),
+    ("data.train_order", "sorted", "must be one of"),
+    ("self_edit.batch_size", 0, "must be >= 1"),
 ])
 def test_each_bad_value_is_named_with_its_key_and_value(key, value, expect):
     problems = _problems(**{key: value})
@@ -99,6 +111,8 @@ def test_combinations():
         "rest_em.sft.microbatches"]
     assert "random weights" in _problems(model="preset:tiny-llama")["tokenizer"]
     assert "data.n_train" in _problems(**{"data.n_train": 0})
+    assert "needs data.train_source=json or datasets" in _problems(**{"data.train_order": "file"})[
+        "data.train_order"]
     assert _problems(**{"grader.kind": "http"}, env={"OPENAI_API_KEY": "k"}) == {}
     assert "must name" in _problems(**{"grader.kind": "http", "grader.http_api_key_env": ""})[
         "grader.http_api_key_env"]

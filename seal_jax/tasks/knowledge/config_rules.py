@@ -19,6 +19,7 @@ TABLE_CONDITIONS = ("base", "passage_only", "self_edits", "file")
 
 def knowledge_rules() -> dict[str, V.Check]:
     from seal_jax.rest_em import SELECTIONS
+    from seal_jax.tasks.knowledge.data import TRAIN_ORDERS
     from seal_jax.tasks.knowledge.graders import GRADER_PROMPTS, HTTP_APIS
     from seal_jax.tasks.knowledge.prompts import PROMPT_KEYS
     from seal_jax.tasks.knowledge.sequences import FALLBACK_RULES
@@ -34,10 +35,11 @@ def knowledge_rules() -> dict[str, V.Check]:
         "data.n_train": V.integer(ge=0), "data.n_eval": V.integer(ge=0), "data.reference_shuffle": V.boolean(),
         "data.train_source": V.string(choices=("split",) + DATA_SOURCES[1:]),
         "data.train_path": V.existing_path(kind="file"), "data.hf_train_split": V.string(),
+        "data.train_order": V.string(choices=TRAIN_ORDERS),
         "self_edit.prompt": V.string(choices=PROMPT_KEYS), "self_edit.k": V.integer(ge=1),
         "self_edit.temperature": V.number(ge=0), "self_edit.top_p": V.number(gt=0, le=1),
         "self_edit.max_new_tokens": V.integer(ge=1), "self_edit.split_newlines": V.boolean(),
-        "self_edit.max_sequence_tokens": V.integer(ge=2), "self_edit.from_file": V.existing_path(kind="file"),
+        "self_edit.max_sequence_tokens": V.integer(ge=2), "self_edit.batch_size": V.integer(ge=1), "self_edit.from_file": V.existing_path(kind="file"),
         "candidates_per_call": V.integer(ge=1),
         "eval.max_new_tokens": V.integer(ge=1), "eval.batch_size": V.integer(ge=1), "eval.reps": V.integer(ge=1),
         "grader.kind": V.string(choices=GRADERS), "grader.f1_threshold": V.number(ge=0, le=1),
@@ -90,6 +92,10 @@ def _combinations(flat: Mapping, env: Mapping[str, str]) -> list[tuple[str, str]
     if flat.get("data.train_source") == "json" and not _needs(flat, "data.train_path"):
         problems.append(("data.train_path", "must be set when data.train_source='json' (a SQuAD training "
                          "file), or set data.train_source=split"))
+    if flat.get("data.train_order") == "file" and flat.get("data.train_source", "split") == "split":
+        problems.append(("data.train_order", "='file' orders a separate training file: it needs "
+                         "data.train_source=json or datasets (with split the training passages follow "
+                         "the evaluation file's shuffle)"))
     if flat.get("experiment") == "study":
         if "study.files" not in flat:
             problems.append(("experiment", "='study' needs a study section: use configs/knowledge.py:study"))

@@ -223,6 +223,11 @@ def load_passages(spec: str) -> list[Passage]:
 # Splits
 
 SHUFFLES = ("reference", "numpy")
+# Order of a separate training file. "shuffled": the evaluation file's rule and seed, as the
+# reference's make_squad_data shuffled squad_train.json before drawing its rounds' passages. "file":
+# as written, for a file that already is such a draw (e.g. the reference's iter0_train.json, whose
+# first 50 passages are its round 1): shuffling it again would pick other passages.
+TRAIN_ORDERS = ("shuffled", "file")
 
 
 def shuffled(passages: Sequence[Passage], seed: int, *, shuffle: str = "reference") -> list[Passage]:
@@ -243,7 +248,8 @@ def shuffled(passages: Sequence[Passage], seed: int, *, shuffle: str = "referenc
 
 def split_passages(passages: Sequence[Passage], n_train: int, n_eval: int, seed: int, *,
                    shuffle: str = "reference",
-                   train_pool: Sequence[Passage] | None = None) -> tuple[list[Passage], list[Passage]]:
+                   train_pool: Sequence[Passage] | None = None,
+                   train_order: str = "shuffled") -> tuple[list[Passage], list[Passage]]:
     """(train, eval) in the shuffled order; eval is always the first `n_eval` of `passages`.
 
     Without `train_pool`, train is the next `n_train` of the same order: eval first mirrors the
@@ -252,8 +258,11 @@ def split_passages(passages: Sequence[Passage], n_train: int, n_eval: int, seed:
     reference's squad_train.json) train is the first `n_train` of that pool shuffled by the same rule
     and seed (the reference's make_squad_data shuffles every input file with random.seed(42)); a pool
     passage with the same title and context as an evaluation passage is an error, since training on
-    it would leak the held-out set.
+    it would leak the held-out set. `train_order="file"` takes the pool's first `n_train` as written
+    (see TRAIN_ORDERS).
     """
+    if train_order not in TRAIN_ORDERS:
+        raise ValueError(f"unknown train order {train_order!r}; choose from {TRAIN_ORDERS}")
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
     if train_pool is None:
@@ -268,7 +277,8 @@ def split_passages(passages: Sequence[Passage], n_train: int, n_eval: int, seed:
         raise ValueError(f"asked for {n_train} train passages but the training file has only "
                          f"{len(train_pool)}")
     evaluation = shuffled(passages, seed, shuffle=shuffle)[:n_eval]
-    train = shuffled(train_pool, seed, shuffle=shuffle)[:n_train]
+    pool = shuffled(train_pool, seed, shuffle=shuffle) if train_order == "shuffled" else list(train_pool)
+    train = pool[:n_train]
     held_out = {(p.title, p.context) for p in evaluation}
     leaked = [p for p in train if (p.title, p.context) in held_out]
     if leaked:

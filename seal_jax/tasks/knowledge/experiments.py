@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from seal_jax import interrupt, timings
 from seal_jax import results as R
 from seal_jax import rest_em as round_lib
 from seal_jax.domain import CandidateSpec
@@ -52,30 +53,35 @@ def table_condition(exp: KnowledgeExperiment, condition: str, label: str, seed: 
     """One row of the table on the held-out passages: accuracy (mean over passages), CI, pooled."""
     passages = exp.eval_contexts
     reps = int(exp.config.eval.reps)
-    phase = f"table/{label}/{condition}"
+    phase = f"table/{label}/{condition}"  # the records' phase; timings split it into sample / score
     if condition == "base":
-        base = baseline_scores(exp, passages, label)
+        with timings.phase(exp.run_dir, phase):
+            base = baseline_scores(exp, passages, label)
         scorable = [p for p in passages if p.has_questions]
         return _row(condition, label, [base.get(p.id) for p in scorable], scorable, passages, failures=0)
     if condition == "passage_only":
         items = [(p, 0, "") for p in passages]
-        outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
-                                    done=exp.done_records(), on_record=exp.records.append,
-                                    build=lambda ctx, _text: exp.domain.passage_only_candidate(ctx),
-                                    progress=exp.progress)
+        with timings.phase(exp.run_dir, f"{phase}/score"):
+            outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
+                                        done=exp.done_records(), on_record=exp.records.append,
+                                        build=lambda ctx, _text: exp.domain.passage_only_candidate(ctx),
+                                        progress=exp.progress)
     elif condition in ("self_edits", "file"):
         # The first usable of the samples (table.fallback_rule; the reference: first non-empty).
         samples = int(exp.config.table.get("self_edit_samples", 1))
         if condition == "file":
             edits = [exp.file_self_edits.get(p.id, [""]) for p in passages]
         else:
-            edits = sample_self_edits(exp, passages, samples, f"{label}_eval", seed)
+            with timings.phase(exp.run_dir, f"{phase}/sample"):
+                edits = sample_self_edits(exp, passages, samples, f"{label}_eval", seed)
+            interrupt.check(f"sampling the {label} table's self-edits (saved)")
         rule = exp.config.table.get("fallback_rule", "usable")
         chosen = [first_usable_self_edit(e, rule) or 0 for e in edits]
         items = [(p, i, e[i] if e else "") for p, i, e in zip(passages, chosen, edits)]
-        outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
-                                    done=exp.done_records(), on_record=exp.records.append,
-                                    progress=exp.progress)
+        with timings.phase(exp.run_dir, f"{phase}/score"):
+            outcomes = score_self_edits(exp.engine, exp.domain, items, reps=reps, seed=seed, phase=phase,
+                                        done=exp.done_records(), on_record=exp.records.append,
+                                        progress=exp.progress)
     else:
         raise ValueError(f"unknown table condition {condition!r}")
     failures = sum(o.failure is not None for o in outcomes)
@@ -147,6 +153,7 @@ def write_table_results(exp: KnowledgeExperiment, state: dict) -> None:
                            [[r["model"], r["condition"], r["accuracy"], r["ci95"], r["pooled"],
                              r["failed_candidates"], r.get("ungraded_passages", 0)] for r in table])]
     md += round_lib.rounds_markdown(state)
+    md += timings.markdown(timings.read(exp.run_dir))
     (exp.run_dir / "results.md").write_text("\n".join(md) + "\n")
     labels = [r["model"] for r in table if r["condition"] == "self_edits"]
     if labels:
@@ -161,60 +168,84 @@ def write_table_results(exp: KnowledgeExperiment, state: dict) -> None:
 
 
 def cpt(exp: KnowledgeExperiment) -> dict:
+    """Base, passage only and self-edits rows; each trained condition's row is saved as it finishes
+    (`cpt_<condition>.json`), so a resumed run trains only the conditions still missing."""
     c = exp.config
     passages = [p for p in exp.eval_contexts[:int(c.cpt.n_passages)] if p.has_questions]
     k = int(c.cpt.k_completions)
     if exp.file_self_edits:
         edits = [[e for e in exp.file_self_edits.get(p.id, []) if e.strip()][:k] for p in passages]
     else:
-        edits = sample_self_edits(exp, passages, k, "cpt", seed=c.seed)
+        with timings.phase(exp.run_dir, "cpt/sample"):
+            edits = sample_self_edits(exp, passages, k, "cpt", seed=c.seed)
+        interrupt.check("sampling the CPT self-edits (saved)")
     inner_cfg = dataclasses.replace(exp.engine.settings.inner, epochs=int(c.cpt.epochs),
                                     learning_rate=float(c.cpt.learning_rate),
                                     batch_size=int(c.cpt.batch_size))
     rows, details = [], {}
-    baseline = baseline_scores(exp, passages, "cpt")
+    with timings.phase(exp.run_dir, "cpt/base"):
+        baseline = baseline_scores(exp, passages, "cpt")
     n_q = sum(len(p.questions) for p in passages)
     rows.append(dict(_pooled([baseline.get(p.id) for p in passages], passages), condition="base",
                      sequences=0))
     for condition, per_passage_edits in (("passage_only", [[""] for _ in passages]),
                                          ("self_edits", edits)):
-        sequences, masks, failures = [], [], 0
-        for p, es in zip(passages, per_passage_edits):
-            for e in es:
-                spec = (exp.domain.passage_only_candidate(p) if condition == "passage_only"
-                        else exp.domain.build_candidate(p, e))
-                if isinstance(spec, CandidateSpec):
-                    sequences += spec.sequences
-                    masks += spec.loss_masks
-                else:
-                    failures += 1
-        corpus = CandidateSpec(sequences=sequences, loss_masks=masks)
-        result = exp.engine.train([corpus], [c.seed], inner_cfg=inner_cfg)
-        if result.failed[0]:
-            rows.append({"condition": condition, "pooled_accuracy": 0.0, "sequences": len(sequences),
-                         "failed": result.failure_reason[0]})
-            continue
-        scores = evaluate_contexts(exp.engine, exp.domain, passages, lora=result.lora,
-                                   adapter_index=[0] * len(passages))
-        rows.append(dict(_pooled([s.reward for s in scores], passages), condition=condition,
-                         sequences=len(sequences), failed_self_edits=failures,
-                         steps=int(result.steps[0])))
-        details[condition] = {p.id: s.details for p, s in zip(passages, scores)}
+        saved = exp.run_dir / f"cpt_{condition}.json"
+        if not saved.exists():
+            R.write_json(saved, _cpt_condition(exp, condition, passages, per_passage_edits, inner_cfg))
+            interrupt.check(f"CPT condition {condition} (saved)")
+        done = json.loads(saved.read_text())
+        rows.append(done["row"])
+        details[condition] = done["details"]
     out = {"passages": len(passages), "questions": n_q, "rows": rows}
     R.write_json(exp.run_dir / "results.json", dict(out, details=details))
-    md = [f"# CPT: one adapter on {len(passages)} passages ({n_q} questions), pooled accuracy", "",
-          R.markdown_table(["condition", "pooled accuracy", "sequences"],
-                           [[r["condition"], r["pooled_accuracy"], r["sequences"]] for r in rows])]
+    md = [f"# CPT: one adapter on {len(passages)} passages ({n_q} questions)", "",
+          "pooled = over all questions (the reference's CPT metric); accuracy = mean over passages of "
+          "per-passage accuracy (± half-width of a 95% Student-t interval over passages).", "",
+          R.markdown_table(["condition", "pooled accuracy", "accuracy", R.CI95_LABEL, "sequences", "steps",
+                            "ungraded"],
+                           [[r["condition"], r["pooled_accuracy"], r.get("accuracy", float("nan")),
+                             r.get("ci95", float("nan")), r["sequences"], r.get("steps", 0),
+                             r.get("ungraded_passages", 0)] for r in rows])]
+    md += timings.markdown(timings.read(exp.run_dir))
     (exp.run_dir / "results.md").write_text("\n".join(md) + "\n")
     return out
+
+
+def _cpt_condition(exp: KnowledgeExperiment, condition: str, passages: Sequence[Passage],
+                   per_passage_edits: Sequence[Sequence[str]], inner_cfg) -> dict:
+    """One adapter on the sequences of every passage's edits, asked every passage's questions."""
+    sequences, masks, failures = [], [], 0
+    for p, es in zip(passages, per_passage_edits):
+        for e in es:
+            spec = (exp.domain.passage_only_candidate(p) if condition == "passage_only"
+                    else exp.domain.build_candidate(p, e))
+            if isinstance(spec, CandidateSpec):
+                sequences += spec.sequences
+                masks += spec.loss_masks
+            else:
+                failures += 1
+    corpus = CandidateSpec(sequences=sequences, loss_masks=masks)
+    with timings.phase(exp.run_dir, f"cpt/{condition}/train"):
+        result = exp.engine.train([corpus], [exp.config.seed], inner_cfg=inner_cfg)
+    if result.failed[0]:
+        return {"row": {"condition": condition, "pooled_accuracy": 0.0, "sequences": len(sequences),
+                        "failed": result.failure_reason[0]}, "details": {}}
+    with timings.phase(exp.run_dir, f"cpt/{condition}/eval"):
+        scores = evaluate_contexts(exp.engine, exp.domain, passages, lora=result.lora,
+                                   adapter_index=[0] * len(passages))
+    return {"row": dict(_pooled([s.reward for s in scores], passages), condition=condition,
+                        sequences=len(sequences), failed_self_edits=failures, steps=int(result.steps[0])),
+            "details": {p.id: s.details for p, s in zip(passages, scores)}}
 
 
 def _pooled(rewards: Sequence[Optional[float]], passages: Sequence[Passage]) -> dict:
     """Accuracy over all questions of the graded passages (ungraded passages left out, counted)."""
     graded = [(r, len(p.questions)) for r, p in zip(rewards, passages) if r is not None]
     n_q = sum(n for _, n in graded)
+    mean, ci = R.mean_ci95([r for r, _ in graded])
     return {"pooled_accuracy": sum(r * n for r, n in graded) / max(1, n_q) if graded else float("nan"),
-            "ungraded_passages": len(passages) - len(graded)}
+            "accuracy": mean, "ci95": ci, "ungraded_passages": len(passages) - len(graded)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 
 from seal_jax import experiment as X
 from seal_jax import results as R
+from seal_jax import timings
 from seal_jax.config import ConfigError
 from seal_jax.rest_em import round_config
 from seal_jax.tasks.knowledge import data as D
@@ -67,7 +69,8 @@ def split_from_config(c, passages: list[D.Passage]) -> tuple[list[D.Passage], li
     try:
         return D.split_passages(passages, int(c.data.n_train), int(c.data.n_eval), int(c.data.split_seed),
                                 shuffle="reference" if c.data.reference_shuffle else "numpy",
-                                train_pool=train_pool)
+                                train_pool=train_pool,
+                                train_order=str(c.data.get("train_order", "shuffled")))
     except ValueError as e:
         raise ConfigError(f"data (n_train={c.data.n_train}, n_eval={c.data.n_eval}): {e}") from None
 
@@ -123,6 +126,8 @@ def knowledge_domain(c, tokenizer) -> KnowledgeDomain:
 
 
 def build_experiment(c) -> KnowledgeExperiment:
+    started_utc = timings.utc_now()
+    start = time.perf_counter()
     # Every value checked at once, before anything is loaded or created.
     validate_knowledge_config(c)
     validate(c)
@@ -138,6 +143,8 @@ def build_experiment(c) -> KnowledgeExperiment:
     domain = knowledge_domain(c, engine.tokenizer)
     # Only now, with data and model loaded, does the run get (or reopen) its folder.
     run_dir = X.open_run_dir(c)
+    # validation, data, the model onto the devices (the run directory only exists from here on)
+    timings.record(run_dir, "setup", time.perf_counter() - start, started_utc=started_utc)
     R.write_json(run_dir / "split.json", {"train": [p.id for p in train], "eval": [p.id for p in evaluation]})
     records, checkpointer = X.run_files(run_dir)
     return KnowledgeExperiment(config=c, engine=engine, domain=domain, train_contexts=train,
