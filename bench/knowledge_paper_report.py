@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from seal_jax import results as R  # noqa: E402
+from seal_jax.checkpoints import RecordLog  # noqa: E402
 from seal_jax import timings as T  # noqa: E402
 
 RECORDS_IN_SAMPLE = 20
@@ -74,16 +75,8 @@ def read_json(path: pathlib.Path, default: Any = None) -> Any:
 
 
 def read_records(run: pathlib.Path) -> list[dict]:
-    path = run / "records.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed process
-            continue
-    return out
+    # The run's own reader: it drops the unterminated last line a killed process may leave.
+    return RecordLog(run / "records.jsonl").read()
 
 
 def per_passage_rewards(records: Sequence[dict], phase: str) -> dict[str, float]:
