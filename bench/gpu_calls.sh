@@ -9,6 +9,7 @@
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
 #                                                      run finds the persistent compilation cache)
+#   bench/gpu_calls.sh arc              carry []         bench/arc_round.py (ARC_ARGS), the 1B preset's phases
 #   bench/gpu_calls.sh knowledge-paper [ARGS]  carry [.peer]   issue 12: bench/knowledge_paper.sh, the
 #                                                      paper-size knowledge run (ARGS: --config overrides);
 #                                                      stops itself after PAPER_STOP_S (420 s) and goes on
@@ -43,15 +44,21 @@ round)
   for model in ${1//,/ }; do
     tag=$(echo "$model" | tr ':.' '__')
     for run in 1 $( [ "${ROUND_REPEAT:-0}" = 1 ] && echo 2 ); do
+      # The whole log goes to $OUT as it is written, so a run cut by its timeout still shows its pace.
       timeout "${ROUND_TIMEOUT:-420}" python3 bench/round.py --model "$model" --out "$OUT/round_${tag}_run$run.json" \
           --edits-file .peer/self_edits_qwen7b_train_iter0.json \
-          --peer-workload "$OUT/peer_work_$tag.json" ${ROUND_ARGS:-} 2>&1 | grep -v '^ ' | tail -n 30
+          --peer-workload "$OUT/peer_work_$tag.json" ${ROUND_ARGS:-} 2>&1 | grep -v '^ ' \
+          | tee "$OUT/round_${tag}_run$run.log" | tail -n 30
     done
     if [ "${PEER:-0}" = 1 ]; then
       timeout "${PEER_TIMEOUT:-150}" python3 bench/round_peer.py "$OUT/peer_work_$tag.json" \
           --out "$OUT/peer_round_$tag.jsonl" 2>&1 | grep -E "^\{" | tail -n 6
     fi
   done ;;
+arc)
+  # Issue 9: one ARC round's phases for the Llama-3.2-1B preset (ARC_ARGS: bench/arc_round.py flags).
+  timeout "${ARC_TIMEOUT:-360}" python3 bench/arc_round.py --out "$OUT/arc_round_h200.json" ${ARC_ARGS:-} 2>&1 \
+    | grep -v '^ ' | tee "$OUT/arc_round_h200.log" | tail -n 40 ;;
 knowledge-paper)
   # Runs and compile cache live in runs/paper (ignored, so kept while the machine is warm; checkpoints
   # are too big to carry back). SIGTERM at PAPER_STOP_S leaves the running call (a sampling call, the

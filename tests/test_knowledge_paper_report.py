@@ -146,7 +146,9 @@ TINY = ["--config.data.n_eval=3", "--config.data.n_train=4", "--config.rest_em.p
         "--config.inner.epochs=1", "--config.table.self_edit_samples=2", "--config.cpt.n_passages=3",
         "--config.cpt.k_completions=2", "--config.cpt.epochs=1", "--config.eval.max_new_tokens=8",
         "--config.rest_em.sft.batch_size=2", "--config.rest_em.sft.microbatches=1",
-        "--config.rest_em.sft.epochs=1"]
+        "--config.rest_em.sft.epochs=1",
+        # float32 as the checkpoint: `paper`'s bf16 matmuls are emulated, and many times slower, on a CPU.
+        "--config.param_dtype=float32", "--config.compute_dtype=float32"]
 
 
 @pytest.mark.slow

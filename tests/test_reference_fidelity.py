@@ -338,6 +338,8 @@ def test_paper_embedded_variant_trains_on_the_reference_rounds_and_evaluates_its
     assert evaluation == data.shuffled(dev, 42, shuffle="reference")[:200]
     setup.validate(c)
     assert (c.model, c.chat, c.grader.kind, c.self_edit.max_new_tokens) == ("embedded", True, "em_f1", 1024)
+    # The 135M recipe (the reference's q,v at lr 1e-3 leaves a 135M model where it was; docstring).
+    assert (len(c.lora.targets), c.inner.learning_rate) == (7, 3e-3)
     assert 842 + c.self_edit.max_new_tokens <= 8192  # the longest dev prompt (chat template) + the cap
 
 
@@ -346,6 +348,7 @@ def test_paper_variant_length_caps_and_table_fallback():
     assert c.self_edit.max_new_tokens == 8192 and c.self_edit.max_sequence_tokens == 2048
     assert (c.self_edit.k, c.rest_em.reps, c.rest_em.passages_per_round, c.rest_em.rounds) == (5, 3, 50, 2)
     assert c.table.self_edit_samples == 5 and c.table.fallback_rule == "nonempty"
+    assert (c.param_dtype, c.compute_dtype) == ("bfloat16", "bfloat16")  # the reference's bf16 base
     setup.validate(c)
 
 
