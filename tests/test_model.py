@@ -261,3 +261,33 @@ def test_bfloat16_forward_is_close_to_float32():
     assert l16.dtype == jnp.float32 and np.isfinite(np.asarray(l16)).all()
     rel = jnp.linalg.norm(l16 - l32) / jnp.linalg.norm(l32)
     assert rel < 0.05
+
+
+def test_long_attention_in_query_chunks_equals_one_piece(monkeypatch):
+    """Above ATTENTION_CHUNK_SCORES the XLA path attends in rematerialised query chunks (no [T, S]
+    scores stored for the backward pass); values and gradients are those of the one-piece path,
+    padded and causal rows included."""
+    cfg = get_preset("tiny-llama")
+    rng = np.random.default_rng(0)
+    batch, t = 2, 512
+    shape_q = (batch, t, cfg.num_heads, cfg.head_dim)
+    shape_kv = (batch, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (shape_q, shape_kv, shape_kv))
+    pos = np.arange(t)
+    lengths = np.array([t, 300])
+    mask = jnp.asarray((pos[None, :, None] >= pos[None, None, :])
+                       & (pos[None, None, :] < lengths[:, None, None])
+                       & (pos[None, :, None] < lengths[:, None, None]))
+
+    def run(limit):
+        monkeypatch.setattr(T, "ATTENTION_CHUNK_SCORES", limit)
+        loss = lambda q, k, v: jnp.sum(jnp.sin(T.attention(cfg, q, k, v, mask)))  # noqa: E731
+        return T.attention(cfg, q, k, v, mask), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    whole = run(1 << 40)
+    assert T._query_chunk(t, t) is None
+    chunked = run(t * t - 1)
+    assert T._query_chunk(t, t) == 256 and T._query_chunk(64, 64) is None
+    for got, want in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+        assert_close_scaled(got, want, eps_multiple=64, what="chunked vs one piece")
+    assert float(jnp.abs(whole[0][1, 300:]).max()) == 0.0  # padding queries: zeros, as before

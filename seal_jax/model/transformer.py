@@ -196,6 +196,27 @@ def select_attention_impl(impl: str, *, dtype, head_dim: int, q_len: int, kv_len
     return "cudnn" if shapes_ok else "xla"
 
 
+# Query-chunked XLA attention above this many score entries per (row, head): 512 x 1024.
+ATTENTION_CHUNK_SCORES = 1 << 19
+
+
+def _query_chunk(t: int, s: int) -> Optional[int]:
+    """Queries per chunk for long attention (None: one piece): the largest of 512 / 256 / 128 that
+    divides T (the length buckets are multiples of these), when T x S is large."""
+    if t * s <= ATTENTION_CHUNK_SCORES:
+        return None
+    return next((c for c in (512, 256, 128) if t % c == 0 and c < t), None)
+
+
+def _xla_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale):
+    # Scores in the compute dtype, softmax in float32 (as HF's eager bf16 path). A float32
+    # *output* of a bf16 matmul would make its backward a float32 GEMM against bf16 operands.
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) * scale
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+
+
 def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
     """Grouped-query attention over a boolean mask; rows with no visible key return zeros."""
     batch, t, n_heads, head_dim = q_BxTxNxH.shape
@@ -209,12 +230,20 @@ def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
             implementation="cudnn")
     else:
         q_BxTxKxGxH = q_BxTxNxH.reshape(batch, t, n_kv, n_heads // n_kv, head_dim)
-        # Scores in the compute dtype, softmax in float32 (as HF's eager bf16 path). A float32
-        # *output* of a bf16 matmul would make its backward a float32 GEMM against bf16 operands.
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) * scale
-        scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+        chunk = _query_chunk(t, k_BxSxKxH.shape[1])
+        if chunk is None:
+            out = _xla_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale)
+        else:
+            # Long sequences: queries in chunks, each rematerialised in the backward pass, so no
+            # [T, S] score matrix is ever stored for the gradient (one would be K x layers x heads x
+            # T x S floats: 256 GiB for 16 ARC candidates of 2,048 tokens on a 1B model). A softmax
+            # row depends on its own query only, so the chunks compute the same function.
+            n = t // chunk
+            q_NxBxCxKxGxH = jnp.moveaxis(q_BxTxKxGxH.reshape(batch, n, chunk, *q_BxTxKxGxH.shape[2:]), 1, 0)
+            mask_NxBxCxS = jnp.moveaxis(mask_BxTxS.reshape(batch, n, chunk, -1), 1, 0)
+            one_chunk = jax.checkpoint(
+                lambda qm: _xla_attention(qm[0], k_BxSxKxH, v_BxSxKxH, qm[1], scale))
+            out = jnp.moveaxis(jax.lax.map(one_chunk, (q_NxBxCxKxGxH, mask_NxBxCxS)), 0, 1)
         out_BxTxNxH = out.reshape(batch, t, n_heads, head_dim)
     # A padding query sees no key; its output is meaningless. Zero it so that it can never turn into
     # NaN/Inf that would leak into real rows through 0 * NaN in later layers.
