@@ -140,13 +140,20 @@ class RoundHooks:
 
 
 def sample_self_edits(exp: "Experiment", contexts: Sequence[Any], k: int, tag: str,
-                      seed: int) -> list[list[str]]:
-    """k self-edits per context from the current policy, saved before they are scored."""
+                      seed: int, until: Optional[Callable[[list[str]], bool]] = None) -> list[list[str]]:
+    """k self-edits per context from the current policy, saved before they are scored.
+
+    `until(edits so far)`: a context's (j+1)-th self-edit is sampled only while its first j do not
+    satisfy it (the table needs the first usable one of k). Each request keeps the stream index it
+    has when all k are sampled (`SamplingParams.stream`), so the texts are the first ones of the full
+    sampling, and the choice made from them is the same; a context's list may then be shorter than k.
+    """
     path = exp.run_dir / f"self_edits_{tag}.json"
     ids = [exp.domain.context_id(c) for c in contexts]
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("context_ids") == ids and saved.get("k") == k:
+        complete = saved.get("complete", True)
+        if saved.get("context_ids") == ids and saved.get("k") == k and (complete or until is not None):
             return saved["self_edits"]
     sampling = exp.round.sampling(seed, exp.engine.tokenizer.stop_ids)
     prompt_ids = [exp.domain.self_edit_prompt(c) for c in contexts]
@@ -159,12 +166,28 @@ def sample_self_edits(exp: "Experiment", contexts: Sequence[Any], k: int, tag: s
     fits = [i for i in range(len(contexts)) if ids[i] not in too_long]
     for cid, reason in too_long.items():
         log.warning("context %s skipped: %s", cid, reason)
-    log.info("sampling %d self-edits (%s)", len(fits) * k, tag)
-    texts = exp.engine.sample([prompt_ids[i] for i in fits for _ in range(k)], sampling) if fits else []
     edits = [[""] * k for _ in contexts]
-    for n, i in enumerate(fits):
-        edits[i] = texts[n * k:(n + 1) * k]
-    R.write_json(path, {"context_ids": ids, "k": k, "self_edits": edits, "too_long": too_long,
+    if until is None:
+        log.info("sampling %d self-edits (%s)", len(fits) * k, tag)
+        texts = exp.engine.sample([prompt_ids[i] for i in fits for _ in range(k)], sampling) if fits else []
+        for n, i in enumerate(fits):
+            edits[i] = texts[n * k:(n + 1) * k]
+    else:
+        for i in fits:
+            edits[i] = []
+        need = list(enumerate(fits))  # (position among the sampled contexts, context index)
+        for j in range(k):
+            if not need:
+                break
+            log.info("sampling %d self-edits (%s, sample %d of up to %d per context)", len(need), tag,
+                     j + 1, k)
+            texts = exp.engine.sample([prompt_ids[i] for _, i in need],
+                                      [dataclasses.replace(sampling, stream=n * k + j) for n, _ in need])
+            for (_, i), text in zip(need, texts):
+                edits[i].append(text)
+            need = [(n, i) for n, i in need if not until(edits[i])]
+    R.write_json(path, {"context_ids": ids, "k": k, "complete": until is None, "self_edits": edits,
+                        "too_long": too_long,
                         "prompts": [exp.engine.tokenizer.decode(p, skip_special=False)
                                     for p in prompt_ids]})
     return edits

@@ -17,9 +17,9 @@ thousands of tokens, very different lengths) and every adapted candidate answers
   compiles a handful of programs, and `jax.jit` keeps them.
 * The device side (prefill, the decode loop, sort-free nucleus sampling) is `seal_jax/decode.py`.
 
-Randomness: request i draws its step-t token from `fold_in(fold_in(key(seed_i), i), t)`. Its stream
-depends only on its seed and its position in the request list, not on batch size, refill order,
-which row it lands in or adapter grouping, and identical prompts repeated at different positions
+Randomness: request i draws its step-t token from `fold_in(fold_in(key(seed_i), i), t)`, i its
+position in the request list (or its `SamplingParams.stream`). Its stream depends only on those, not
+on batch size, refill order, which row it lands in or adapter grouping, and identical prompts repeated at different positions
 (SEAL's k self-edits per passage) get independent samples from one shared `SamplingParams`.
 
 `plan_row_groups` (fixed batches of adapter groups) and `prepare_lora` are shared with `scoring.py`.
@@ -65,6 +65,10 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_ids: Optional[Sequence[int]] = None
     seed: int = 0
+    # The request's index in its random stream (default: its position in the `generate` call). A
+    # caller that asks for a subset of a larger request list later passes the positions the requests
+    # have in that list, and gets the same samples as the whole list would have given.
+    stream: Optional[int] = None
 
     def __post_init__(self):
         if not self.temperature >= 0.0:
@@ -75,6 +79,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.stream is not None and not 0 <= self.stream < 2**32:
+            raise ValueError(f"stream must be in [0, 2**32), got {self.stream}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +510,8 @@ def _prefill(params, lora_LxK, state, fills, rows, arrays, per_row, stops, tempe
         mask[j, cols - a.size:] = True
         slot[j], adapter[j], max_new[j] = row, rows.group_adapter[row // rows.group_size], sp.max_new_tokens
         stop[j, : len(stops[r])] = stops[r]
-        temp[j], nucleus_p[j], seed[j], request[j] = temperature[r], top_p[r], sp.seed, r
+        temp[j], nucleus_p[j], seed[j] = temperature[r], top_p[r], sp.seed
+        request[j] = r if sp.stream is None else sp.stream
     adapter, seed, request = jnp.asarray(adapter), jnp.asarray(seed), jnp.asarray(request)
     temp, nucleus_p = jnp.asarray(temp), jnp.asarray(nucleus_p)
     k, v, first = decode.prefill(params, lora_LxK, adapter, tokens, mask, seed, request, temp,

@@ -369,7 +369,7 @@ def test_table_scores_the_first_non_empty_sample(monkeypatch, tmp_path):
 
     monkeypatch.setattr(E, "score_self_edits", fake_score)
     monkeypatch.setattr(E, "sample_self_edits",
-                        lambda exp, ps, k, tag, seed: [samples[p.id][:k] for p in ps])
+                        lambda exp, ps, k, tag, seed, until=None: [samples[p.id][:k] for p in ps])
     c = get_config("paper")
     exp = types.SimpleNamespace(config=c, eval_contexts=passages, engine=None, domain=None,
                                 file_self_edits=samples, done_records=dict, run_dir=tmp_path,

@@ -275,3 +275,22 @@ def test_a_round_with_the_base_fsdp_and_tensor_sharded_equals_the_replicated_one
     chosen = [json.loads((tmp_path / n / "sft_round0.json").read_text()) for n in ("replicated", "fsdp_tensor")]
     assert [(c["context_id"], c["edit_index"]) for c in chosen[0]] == \
         [(c["context_id"], c["edit_index"]) for c in chosen[1]]
+
+
+def test_sampling_until_usable_draws_the_first_samples_of_the_full_sampling(tmp_path):
+    """The table's lazy sampling: a context's next sample is drawn only while `until` is unmet, each
+    with the stream index it has in the full sampling, so the texts are a prefix of the full lists."""
+    from seal_jax.rest_em import sample_self_edits
+
+    exp = toy_experiment(tmp_path / "eager")
+    contexts = exp.eval_contexts[:3]
+    eager = sample_self_edits(exp, contexts, 3, "t", seed=5)
+    assert all(len(e) == 3 for e in eager) and len({e[0] for e in eager}) == 3
+    lazy_dir = tmp_path / "lazy"
+    lazy_dir.mkdir()
+    exp.run_dir = lazy_dir
+    wanted = {eager[0][0]: 3, eager[1][0]: 2, eager[2][0]: 1}  # samples each context asks for
+    lazy = sample_self_edits(exp, contexts, 3, "t", seed=5, until=lambda e: len(e) >= wanted[e[0]])
+    assert lazy == [eager[0], eager[1][:2], eager[2][:1]]
+    # A partial file is not what a caller that wants all k gets: it samples them again.
+    assert sample_self_edits(exp, contexts, 3, "t", seed=5) == eager

@@ -134,6 +134,14 @@ def test_seeded_sampling_is_reproducible(llama):
     # A row's stream depends on its seed and its index, not on how requests are batched.
     one_by_one = generate(params, prompts, cfg=cfg, sampling=hot, batch_size=1)
     assert [g.token_ids for g in a] == [g.token_ids for g in one_by_one]
+    # A subset asked for later, each request with its position in the whole list: the same samples.
+    subset = [3, 1]
+    again = generate(params, [prompts[i] for i in subset], cfg=cfg,
+                     sampling=[dataclasses.replace(hot, stream=i) for i in subset])
+    assert [g.token_ids for g in again] == [a[i].token_ids for i in subset]
+    assert generate(params, [prompts[3]], cfg=cfg, sampling=hot)[0].token_ids != a[3].token_ids
+    with pytest.raises(ValueError, match="stream"):
+        SamplingParams(stream=-1)
 
 
 def test_tiny_top_p_is_greedy_and_rows_mix_modes(llama):

@@ -69,13 +69,17 @@ def table_condition(exp: KnowledgeExperiment, condition: str, label: str, seed: 
     elif condition in ("self_edits", "file"):
         # The first usable of the samples (table.fallback_rule; the reference: first non-empty).
         samples = int(exp.config.table.get("self_edit_samples", 1))
+        rule = exp.config.table.get("fallback_rule", "usable")
         if condition == "file":
             edits = [exp.file_self_edits.get(p.id, [""]) for p in passages]
         else:
+            # Only the first usable sample is scored: the later ones are sampled only for passages
+            # that need them (the same texts and choice as sampling all, at ~1/k of the decoding).
+            until = None if exp.config.table.get("sample_all", False) else (
+                lambda e: first_usable_self_edit(e, rule) is not None)
             with timings.phase(exp.run_dir, f"{phase}/sample"):
-                edits = sample_self_edits(exp, passages, samples, f"{label}_eval", seed)
+                edits = sample_self_edits(exp, passages, samples, f"{label}_eval", seed, until=until)
             interrupt.check(f"sampling the {label} table's self-edits (saved)")
-        rule = exp.config.table.get("fallback_rule", "usable")
         chosen = [first_usable_self_edit(e, rule) or 0 for e in edits]
         items = [(p, i, e[i] if e else "") for p, i, e in zip(passages, chosen, edits)]
         with timings.phase(exp.run_dir, f"{phase}/score"):
