@@ -11,8 +11,9 @@ A random-weight policy writes no valid JSON, so the TTT configs are drawn with a
 from the action space (random toggles and strategy, lr 1e-4, 1-3 epochs, step cap 375). Phases:
   sample      the policy writes --k self-edits per task (128 new tokens, T=0.8), one batched call
   datasets    host: every candidate's TTT dataset (augment, format, tokenize), cached per toggles
+  precompile  every training program of the TTT calls, compiled at once in parallel threads
   ttt         candidates sorted by planned steps, trained --candidates-per-call at a time (first
-              chunk includes compilation; compile_s estimates it from a repeat of that chunk)
+              chunk includes what precompile left; compile_s estimates it from a repeat of that chunk)
   answer      every adapter answers its task's queries (greedy; the random model never stops, so
               this is the worst case: every row runs to its answer budget)
   m_step      SFT of the policy on --k (prompt, config) examples per task (r16 a16, 8 epochs, bs 5)
@@ -121,6 +122,15 @@ def main(argv=None) -> dict:
     # -- TTT + answer, K at a time, sorted by steps -----------------------------------------------
     specs.sort(key=lambda ts: ts[1].info["planned_steps"])
     kpc = args.candidates_per_call
+    # Every training program compiled at once, in parallel threads, as the E-step does (a 1B program
+    # compiles for minutes on a GPU: one after another they would fill the run).
+    t = time.perf_counter()
+    calls = [([s for _, s in specs[i:i + kpc]], [args.seed] * len(specs[i:i + kpc]))
+             for i in range(0, len(specs), kpc)]
+    out["precompiled_programs"] = engine.precompile_training(calls)
+    out["phases_s"]["precompile"] = time.perf_counter() - t
+    print(f"[precompile] {out['precompiled_programs']} programs in {out['phases_s']['precompile']:.1f} s",
+          flush=True)
     ttt_s, answer_s, chunks = 0.0, 0.0, []
     for start in range(0, len(specs), kpc):
         chunk = specs[start:start + kpc]

@@ -243,6 +243,18 @@ def _planned_bytes(compiled) -> Optional[int]:
         return None
 
 
+def _activation_bytes_floor(step_cfg: StepConfig, xs) -> int:
+    """A floor on what a chunk program without remat keeps for its backward pass: per token and layer,
+    8 hidden-wide and 6 MLP-wide tensors in the compute dtype (the matmul inputs and outputs a LoRA
+    layer saves; the real plans measured 1.3-1.7x this). Only used to skip compiling a plain program
+    that cannot fit: the 1B preset's ARC program (16 candidates x 2 x 2,048 tokens) planned 172 GiB
+    and took minutes to compile before remat was chosen."""
+    cfg = step_cfg.cfg
+    k_count, batch, length = xs.tokens.shape[1:4]
+    per_token_layer = (8 * cfg.hidden_size + 6 * cfg.intermediate_size) * jnp.dtype(cfg.dtype).itemsize
+    return int(k_count) * int(batch) * int(length) * cfg.num_layers * per_token_layer
+
+
 def _shape_key(fn_key, mesh, frozen, xs) -> tuple:
     """The COMPILED_SHAPES / PRECOMPILED key of a chunk program. Without a mesh, jit specialises the
     program to where the frozen params already live (e.g. a caller's own sharding), so that
@@ -284,8 +296,17 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
     choice_key = (step_cfg, mesh, rules, *xs.tokens.shape[1:4], xs.lr.shape[0])
     remat = step_lib.REMAT_CHOICE.get(choice_key)
     if remat is None:
+        free = _free_device_bytes()
+        floor = _activation_bytes_floor(step_cfg, xs)
+        if free is not None and floor > REMAT_MEMORY_SHARE * free:
+            remat = True  # no compile of a plain program that cannot fit
+            step_lib.REMAT_CHOICE[choice_key] = remat
+            log.info("inner loop: K=%d length %d keeps at least %.1f GiB of activations without "
+                     "remat (%.1f GiB free): rematerialised", xs.tokens.shape[1], xs.tokens.shape[3],
+                     floor / 2**30, free / 2**30)
+            return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
         plain = _compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)
-        need, free = _planned_bytes(plain[0]), _free_device_bytes()
+        need = _planned_bytes(plain[0])
         remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
         step_lib.REMAT_CHOICE[choice_key] = remat
         if remat:

@@ -561,6 +561,30 @@ def test_auto_remat_turns_on_only_for_programs_that_would_not_fit(params, monkey
         assert_close_scaled(np.asarray(a), np.asarray(b), eps_multiple=1024, what="adapter")
 
 
+def test_auto_remat_skips_compiling_a_plain_program_that_cannot_fit(params, monkeypatch):
+    from seal_jax import train_step as step_lib
+
+    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
+    ic = IC.replace(length_buckets=(48,), epochs=1, remat=None)
+    plan = inner.build_plan(_candidates(3), None, ic, pad_id=PAD)
+    padded, step_cfg, rules, frozen, state = inner._prepare(
+        params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
+        abstract=True)
+    xs = padded.gather(0, 1, 48, ic.steps_per_chunk)
+    plain, _ = inner._compile(step_cfg.with_remat(False), None, rules, frozen, state, xs)
+    floor = inner._activation_bytes_floor(step_cfg, xs)
+    assert 0 < floor <= inner._planned_bytes(plain)  # a floor: never forces remat on what fits
+    step_lib.PRECOMPILED.clear()
+    compiled = []
+    real_compile = inner._compile
+    monkeypatch.setattr(inner, "_compile", lambda step_cfg, *a, **kw: (
+        compiled.append(step_cfg.cfg.remat), real_compile(step_cfg, *a, **kw))[1])
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(floor / 2))
+    inner._chunk_program(step_cfg, "auto", None, rules, frozen, state, xs)
+    assert compiled == [True]  # straight to the rematerialised program
+    assert list(step_lib.REMAT_CHOICE.values()) == [True]
+
+
 def test_out_of_memory_under_auto_remat_retries_with_remat_before_splitting(params, monkeypatch):
     plan, want = _batched(params, 1)
     monkeypatch.setattr(inner, "_FITTED_K", {})
