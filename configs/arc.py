@@ -52,6 +52,10 @@ def base_config():
     c.tokenizer = ""  # tokenizer spec when `model` has none (presets): "embedded" or an HF dir
     c.param_dtype = ""
     c.compute_dtype = ""
+    # Layers per iteration of the model's layer scan in training and scoring (0: all of them). Unrolled,
+    # XLA addresses each layer's weights in place instead of copying them out of the stacked arrays
+    # every step (on an H200: 1B inner loop 0.107 -> 0.087 s per candidate, +6 s compile per program).
+    c.scan_unroll = 1
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.axes = {"candidate": -1}  # TTT configs are independent: split them over the devices

@@ -141,6 +141,10 @@ def build_engine(c, engine_cls: type = Engine) -> Engine:
                                         param_dtype=c.param_dtype or None, seed=int(c.seed))
     if c.compute_dtype:
         cfg = cfg.replace(compute_dtype=c.compute_dtype)
+    unroll = int(c.get("scan_unroll", 1))
+    if unroll < 0:
+        raise ConfigError(f"scan_unroll must be >= 0 (0: every layer), got {unroll}")
+    cfg = cfg.replace(scan_unroll=unroll or cfg.num_layers)
     if tokenizer is None:
         raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer='embedded', a .gguf or an "
                           "HF dir with tokenizer.json")

@@ -214,3 +214,19 @@ def test_engine_samples_self_edit_batch_size_rows_at_once(tmp_path):
     with c.unlocked():
         del c.self_edit["batch_size"]
     assert experiment.build_engine(c).settings.sample_batch_size == EngineSettings.sample_batch_size
+
+
+def test_scan_unroll_reaches_the_model_and_zero_unrolls_every_layer(tmp_path):
+    from seal_jax import experiment
+    from seal_jax.config import ConfigError
+    from test_fault_injection import write_tiny_model_dir
+
+    c = tiny_config(**{"compile_cache": False})
+    c.model = str(write_tiny_model_dir(tmp_path / "model"))
+    assert experiment.build_engine(c).cfg.scan_unroll == 1
+    c.scan_unroll = 0
+    engine = experiment.build_engine(c)
+    assert engine.cfg.scan_unroll == engine.cfg.num_layers > 1
+    c.scan_unroll = -1
+    with pytest.raises(ConfigError, match="scan_unroll"):
+        experiment.build_engine(c)
