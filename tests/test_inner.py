@@ -408,8 +408,12 @@ def test_clip_adamw_schedule_and_grad_accumulation_match_torch(params, schedule)
         opt.step()
         sched.step()
     assert_close_scaled(res.losses[0], losses, eps_multiple=64, what="losses")
+    # Adam divides each update by the gradient's own running scale, so the few-eps differences of two
+    # gradient computations (summed in another order on another CPU) reach the params undamped, step
+    # after step: 1.0e-5-1.2e-5 on one x86 machine, under 7.6e-6 on another. A wrong schedule, clip or
+    # decay moves them by ~lr = 2e-2.
     for got, want in zip(jax.tree.leaves(res.lora), tparams):
-        assert_close_scaled(got[0], want.detach().numpy(), eps_multiple=64, what="adapter")
+        assert_close_scaled(got[0], want.detach().numpy(), eps_multiple=512, what="adapter")
     assert res.grad_norms[0].min() > 0.05  # clipping was active on every step
 
 
