@@ -105,7 +105,7 @@ def test_batched_ttt_over_configs_equals_one_by_one():
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(alone.lora),
                                 jax.tree.leaves(together.lora)):
             # Adam divides by sqrt(v): rounding differences of the vmapped matmuls in near-zero
-            # gradients grow to ~1e-5 of the adapter's scale over a few steps; a wrong lr, step count
-            # or loss mask changes the adapter by O(1) of its scale.
-            assert_close_scaled(np.asarray(b)[k], np.asarray(a)[0], eps_multiple=1024,
+            # gradients grow over a few steps (1.0e-5 to 1.24e-4 of the adapter's scale, depending on
+            # the x86 CPU); a wrong lr, step count or loss mask changes the adapter by O(1) of its scale.
+            assert_close_scaled(np.asarray(b)[k], np.asarray(a)[0], eps_multiple=8192,
                                 what=f"candidate {k} {jax.tree_util.keystr(path)}")
