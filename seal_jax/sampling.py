@@ -19,8 +19,9 @@ thousands of tokens, very different lengths) and every adapted candidate answers
 
 Randomness: request i draws its step-t token from `fold_in(fold_in(key(seed_i), i), t)`, i its
 position in the request list (or its `SamplingParams.stream`). Its stream depends only on those, not
-on batch size, refill order, which row it lands in or adapter grouping, and identical prompts repeated at different positions
-(SEAL's k self-edits per passage) get independent samples from one shared `SamplingParams`.
+on batch size, refill order, which row it lands in or adapter grouping, and identical prompts
+repeated at different positions (SEAL's k self-edits per passage) get independent samples from one
+shared `SamplingParams`.
 
 `plan_row_groups` (fixed batches of adapter groups) and `prepare_lora` are shared with `scoring.py`.
 """
