@@ -209,9 +209,13 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
 
 # Fit keys (`_fit_key`) whose calls ran out of memory under automatic remat: remat everywhere since.
 _REMAT_FORCED: set = set()
-# Share of the device's free memory a program without remat may plan to use (the evaluation of the
-# previous call runs beside it and holds its KV cache).
-REMAT_MEMORY_SHARE = 0.8
+# Share of the device's free memory a program without remat may plan to use. The rest is for what
+# the memory analysis does not see: the evaluation of the previous call running beside it (its KV
+# cache), other executables, allocator fragmentation. 0.8 was too much: on an H200 the 1B preset's
+# ARC program planned 105.5 GiB with ~137 GiB free (0.77) and ran out of memory at its first step
+# (`bench/results/round_h200.md`, "Session 2026-12-02 (third)"); it then recompiled with remat,
+# costing minutes.
+REMAT_MEMORY_SHARE = 0.65
 
 
 def _free_device_bytes() -> Optional[int]:
