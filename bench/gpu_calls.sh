@@ -75,12 +75,14 @@ knowledge-paper)
   # A run stopped here survives the machine: its folders without the compile cache (a few MiB: records,
   # sampled self-edits, the policy's adapters) come back as knowledge_paper_state.tgz; carrying that
   # file in .kpstate/ to a fresh machine puts the run back, and this call resumes it.
-  # The compile cache comes back too when it fits one returned file (16 MiB): a cold compile of the
-  # table's and the E-step's programs costs ~100 s per phase.
+  # The compile cache comes back too, in 15 MB parts, when it fits three of them (returned files are
+  # at most 16 MiB each, 8 files, and the next call's carry is 64 MiB with the tree and .peer): a cold
+  # compile of the table's and the E-step's programs costs ~100 s per phase.
   if [ ! -d runs/paper ] && [ -f .kpstate/knowledge_paper_state.tgz ]; then
     tar xzf .kpstate/knowledge_paper_state.tgz && echo "restored runs/paper from .kpstate"
-    [ -f .kpstate/knowledge_paper_xla_cache.tgz ] && tar xzf .kpstate/knowledge_paper_xla_cache.tgz &&
-      echo "restored runs/paper/xla_cache from .kpstate"
+    if ls .kpstate/knowledge_paper_xla_cache.tgz.part* >/dev/null 2>&1; then
+      cat .kpstate/knowledge_paper_xla_cache.tgz.part* | tar xz && echo "restored runs/paper/xla_cache"
+    fi
   fi
   RESULTS=bench/results/knowledge_paper_embedded ARCHIVE="$OUT/knowledge_paper_runs.tgz" \
     timeout -s TERM "${PAPER_STOP_S:-420}" bench/knowledge_paper.sh "$@" 2>&1 | tee "$OUT/knowledge_paper.log"
@@ -91,10 +93,11 @@ knowledge-paper)
     tar czf "$OUT/knowledge_paper_state.tgz" --exclude=runs/paper/xla_cache runs/paper &&
       ls -la "$OUT/knowledge_paper_state.tgz"
     if [ -d runs/paper/xla_cache ]; then
-      tar czf "$OUT/knowledge_paper_xla_cache.tgz" runs/paper/xla_cache
-      size=$(stat -c %s "$OUT/knowledge_paper_xla_cache.tgz")
-      echo "compile cache: $size bytes"
-      [ "$size" -gt 16000000 ] && rm "$OUT/knowledge_paper_xla_cache.tgz"
+      tar czf /tmp/knowledge_paper_xla_cache.tgz runs/paper/xla_cache
+      size=$(stat -c %s /tmp/knowledge_paper_xla_cache.tgz)
+      echo "compile cache: $size bytes compressed$( [ "$size" -gt 45000000 ] && echo ', too big to return')"
+      [ "$size" -le 45000000 ] && split -b 15000000 -d /tmp/knowledge_paper_xla_cache.tgz \
+        "$OUT/knowledge_paper_xla_cache.tgz.part"
     fi
   fi
   exit "$rc" ;;
