@@ -78,8 +78,10 @@ knowledge-paper)
   # The compile cache comes back too, in 15 MB parts, when it fits three of them (returned files are
   # at most 16 MiB each, 8 files, and the next call's carry is 64 MiB with the tree and .peer): a cold
   # compile of the table's and the E-step's programs costs ~100 s per phase.
-  if [ ! -d runs/paper ] && [ -f .kpstate/knowledge_paper_state.tgz ]; then
-    tar xzf .kpstate/knowledge_paper_state.tgz && echo "restored runs/paper from .kpstate"
+  # Any name .kpstate/knowledge_paper_state*.tgz (a committed one keeps its date); the last in name order.
+  state=$(ls .kpstate/knowledge_paper_state*.tgz 2>/dev/null | tail -n 1)
+  if [ ! -d runs/paper ] && [ -n "$state" ]; then
+    tar xzf "$state" && echo "restored runs/paper from $state"
     if ls .kpstate/knowledge_paper_xla_cache.tgz.part* >/dev/null 2>&1; then
       cat .kpstate/knowledge_paper_xla_cache.tgz.part* | tar xz && echo "restored runs/paper/xla_cache"
     fi
