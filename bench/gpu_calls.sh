@@ -97,9 +97,12 @@ knowledge-paper)
     if [ -d runs/paper/xla_cache ]; then
       tar czf /tmp/knowledge_paper_xla_cache.tgz runs/paper/xla_cache
       size=$(stat -c %s /tmp/knowledge_paper_xla_cache.tgz)
-      echo "compile cache: $size bytes compressed$( [ "$size" -gt 45000000 ] && echo ', too big to return')"
-      [ "$size" -le 45000000 ] && split -b 15000000 -d /tmp/knowledge_paper_xla_cache.tgz \
-        "$OUT/knowledge_paper_xla_cache.tgz.part"
+      echo "compile cache: $size bytes compressed"
+      if [ "$size" -le 45000000 ]; then
+        split -b 15000000 -d /tmp/knowledge_paper_xla_cache.tgz "$OUT/knowledge_paper_xla_cache.tgz.part"
+      else
+        echo "compile cache too big to return (more than three 15 MB parts)"
+      fi
     fi
   fi
   exit "$rc" ;;
