@@ -127,6 +127,58 @@ def verdict(diff: dict, a: str, b: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Reward by the number of training sequences
+
+# Lower edges of the bins of "sequences trained per candidate" (the passage plus the self-edit's lines):
+# each sequence is another 10-epoch slice of the inner loop, so this is its training budget.
+SEQUENCE_BIN_EDGES = (0, 2, 4, 8, 16)
+
+
+def sequence_bin(num_sequences: int) -> str:
+    edges = SEQUENCE_BIN_EDGES
+    for low, high in zip(edges, edges[1:]):
+        if num_sequences < high:
+            return f"{low}-{high - 1}"
+    return f"{edges[-1]}+"
+
+
+SEQUENCE_BINS = tuple(sequence_bin(e) for e in SEQUENCE_BIN_EDGES)
+
+
+def reward_by_sequences(records: Sequence[dict], phase: str) -> dict[str, dict]:
+    """{bin: {"n", "reward"}} over a phase's graded candidates (the last record of each wins, failures
+    score 0 in bin 0-1)."""
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("phase") == phase and "edit_index" in r:
+            latest[(r["context_id"], r["edit_index"], r["rep"])] = r
+    rewards: dict[str, list[float]] = {}
+    for r in latest.values():
+        if r.get("failed"):
+            rewards.setdefault(sequence_bin(0), []).append(0.0)
+        elif r.get("reward") is not None:
+            rewards.setdefault(sequence_bin(int(r.get("num_sequences", 0))), []).append(float(r["reward"]))
+    return {b: {"n": len(v), "reward": statistics.fmean(v)} for b, v in rewards.items()}
+
+
+def binned_mean(bins: dict[str, dict]) -> float:
+    n = sum(v["n"] for v in bins.values())
+    return sum(v["reward"] * v["n"] for v in bins.values()) / n if n else float("nan")
+
+
+def length_matched_reward(reference: dict[str, dict], target: dict[str, dict]) -> dict:
+    """The reference condition's mean reward re-weighted to the target's sequence-count mix: what the
+    reference's self-edits would score if they had the target's lengths. Bins the reference never
+    visits are left out and counted (`covered` of `n`)."""
+    covered = {b: v["n"] for b, v in target.items() if b in reference}
+    n = sum(v["n"] for v in target.values())
+    if not covered:
+        return {"matched": float("nan"), "covered": 0, "n": n}
+    matched = sum(reference[b]["reward"] * w for b, w in covered.items()) / sum(covered.values())
+    return {"matched": matched, "covered": sum(covered.values()), "n": n}
+
+
+# ------------------------------------------------------------------------------------------------
 # The degeneration check
 
 
@@ -221,6 +273,21 @@ def rest_em_summary(run: pathlib.Path) -> dict:
     for r in rounds:
         compare((f"seal_round{r}", "base"), ("base", "base"))
 
+    # Rows: each policy's self-edit condition by its model label, and the passage alone for scale.
+    by_sequences = {}
+    if ("base", "passage_only") in have:
+        by_sequences["passage only"] = reward_by_sequences(records, "table/base/passage_only")
+    for model, condition in sorted(have):
+        if condition == "self_edits":
+            by_sequences[model] = reward_by_sequences(records, f"table/{model}/self_edits")
+    length_matched = []
+    for r in rounds:
+        model = f"seal_round{r}"
+        if model in by_sequences and "base" in by_sequences:
+            length_matched.append(dict(length_matched_reward(by_sequences["base"], by_sequences[model]),
+                                       model=model, actual=binned_mean(by_sequences[model]),
+                                       base=binned_mean(by_sequences["base"])))
+
     count, unit = token_counter(run)
     cap = int(config.get("self_edit", {}).get("max_new_tokens", 0)) or 1
     degeneration = []
@@ -241,7 +308,8 @@ def rest_em_summary(run: pathlib.Path) -> dict:
                                          if chosen else float("nan"))})
     return {"run": str(run), "config": config, "rows": rows, "comparisons": comparisons,
             "rounds": state.get("rounds", []), "rounds_done": state.get("round", 0),
-            "degeneration": degeneration, "length_unit": unit, "cap": cap, "selected": selected,
+            "degeneration": degeneration, "by_sequences": by_sequences,
+            "length_matched": length_matched, "length_unit": unit, "cap": cap, "selected": selected,
             "eval_passages": len(read_json(run / "split.json", {}).get("eval", [])),
             "timings": T.summarize(T.read(run)), "sessions": len({e.get("session") for e in T.read(run)})}
 
@@ -329,6 +397,22 @@ def markdown(rest: dict, cpt: Optional[dict]) -> str:
                               pct(d.get("at_cap")), d.get("tokens_median", "—"), d.get("tokens_p90", "—"),
                               round(d.get("tokens_mean", float("nan")), 1), d.get("lines_median", "—")]
                              for d in rest["degeneration"]])]
+    if rest.get("by_sequences"):
+        md += ["", "## Reward by the number of training sequences (passage + self-edit lines)", "",
+               "Table candidates binned by how many sequences they trained on (each one "
+               f"{c.get('inner', {}).get('epochs', '?')} epochs of the inner loop at batch size "
+               f"{c.get('inner', {}).get('batch_size', '?')}): n, "
+               "mean reward %.", "",
+               R.markdown_table(["policy", *SEQUENCE_BINS],
+                                [[model, *(f"{bins[b]['n']}: {pct(bins[b]['reward'])}" if b in bins else "—"
+                                           for b in SEQUENCE_BINS)]
+                                 for model, bins in rest["by_sequences"].items()])]
+        for m in rest["length_matched"]:
+            md.append(f"- {m['model']}: {pct(m['actual'])}% over its candidates; the base model's self-edits "
+                      f"scored {pct(m['base'])}%, and {pct(m['matched'])}% re-weighted to {m['model']}'s "
+                      f"sequence counts ({m['covered']} of {m['n']} candidates in bins both visit): "
+                      f"{100 * (m['matched'] - m['base']):+.1f} of the {100 * (m['actual'] - m['base']):+.1f} pp "
+                      "difference goes with the shift in length alone.")
     if cpt and cpt["rows"]:
         md += ["", f"## CPT: one adapter on {cpt['passages']} passages ({cpt['questions']} questions)", "",
                "Pooled accuracy over all questions (the reference's CPT metric, one run); accuracy = mean "

@@ -62,16 +62,17 @@ def _fake_runs(root: pathlib.Path):
     # failure counting 0, then a resumed duplicate of rep 1 scoring 1.0, which wins); passage only
     # ungraded on p3 (left out of its pairs).
     records = []
-    for i, r in zip(ids, (0.5, 0.0, 0.5, 0.0)):
+    # Sequences trained: base 2, 20, 3, 20; SEAL 2, 2, 20, 5 and p1's second rep 3.
+    for i, r, n in zip(ids, (0.5, 0.0, 0.5, 0.0), (2, 20, 3, 20)):
         records.append({"phase": "table/base/self_edits", "context_id": i, "edit_index": 0, "rep": 0,
-                        "failed": False, "reward": r})
-    for i, r in zip(ids, (1.0, 0.5, 1.0, 0.5)):
+                        "failed": False, "reward": r, "num_sequences": n})
+    for i, r, n in zip(ids, (1.0, 0.5, 1.0, 0.5), (2, 2, 20, 5)):
         records.append({"phase": "table/seal_round1/self_edits", "context_id": i, "edit_index": 0,
-                        "rep": 0, "failed": False, "reward": r})
+                        "rep": 0, "failed": False, "reward": r, "num_sequences": n})
     records.append({"phase": "table/seal_round1/self_edits", "context_id": "p1", "edit_index": 0,
-                    "rep": 1, "failed": True, "reward": 0.0})
+                    "rep": 1, "failed": True, "reward": 0.0, "num_sequences": 0})
     records.append({"phase": "table/seal_round1/self_edits", "context_id": "p1", "edit_index": 0,
-                    "rep": 1, "failed": False, "reward": 0.5})
+                    "rep": 1, "failed": False, "reward": 0.5, "num_sequences": 3})
     for i, r in zip(ids, (0.5, 0.0, 0.0, None)):
         records.append({"phase": "table/base/passage_only", "context_id": i, "edit_index": 0, "rep": 0,
                         "failed": False, "reward": r, "ungraded": r is None})
@@ -121,7 +122,19 @@ def test_report_tables_paired_differences_degeneration_and_files(tmp_path):
     assert by_policy["seal_round1"]["at_cap"] == 0.25  # the 72-word loop, cap 12
     assert summary["selected"][0]["not_above_baseline"] == 1
 
+    # Binned by sequences trained (the resumed p1 rep replaces its failure); SEAL re-weighted onto the
+    # base rows' bins: 2-3 holds 3 SEAL candidates (base: 0.5), 16+ one (base: 0.0), 4-7 none of base's.
+    seal_bins = summary["by_sequences"]["seal_round1"]
+    assert seal_bins["2-3"] == {"n": 3, "reward": pytest.approx(2.0 / 3)}
+    assert seal_bins["4-7"]["n"] == 1 and seal_bins["16+"]["n"] == 1 and "0-1" not in seal_bins
+    assert summary["by_sequences"]["passage only"]["0-1"]["n"] == 3  # p3 ungraded
+    [matched] = summary["length_matched"]
+    assert matched["matched"] == pytest.approx(0.375) and (matched["covered"], matched["n"]) == (4, 5)
+    assert matched["actual"] == pytest.approx(0.7) and matched["base"] == pytest.approx(0.25)
+
     table = (out / "table.md").read_text()
+    assert "| seal_round1 | — | 3: 66.7 | 1: 50.0 | — | 1: 100.0 |" in table
+    assert "+12.5 of the +45.0 pp difference goes with the shift in length alone" in table
     assert "| SEAL round 1: its self-edits, adapting the round-1 policy | seal_round1 | 75.0 | 10.0 |" in table
     assert "SEAL round 1: its self-edits, adapting the round-1 policy did not differ detectably" not in table
     assert "beat passage + base model's self-edits: +50.0 pp" in table
