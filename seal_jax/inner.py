@@ -36,6 +36,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
+from seal_jax import compile_cache
 from seal_jax import distributed as dist
 from seal_jax import interrupt
 from seal_jax import lora as lora_lib
@@ -193,10 +196,13 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
 
     c = inner_cfg.steps_per_chunk
     auto = _remat_mode(cfg, lora_cfg, inner_cfg)
+    limit = _remat_limit(_fit_key(cfg, lora_cfg, inner_cfg)) if auto == "auto" else None
+    _PLAIN_NEEDS_OF_CALL.clear()
     losses, norms = [], []
     for start, stop, length in plan.chunks(c):
         xs = plan.gather(start, stop, length, c)
-        fn, shape_key = _chunk_program(step_cfg, auto, mesh, rules, frozen, state, xs)
+        fn, shape_key = _chunk_program(step_cfg, auto, mesh, rules, frozen, state, xs, limit=limit,
+                                       plain_needs=_PLAIN_NEEDS_OF_CALL)
         step_lib.COMPILED_SHAPES.add(shape_key)
         state, chunk_losses, chunk_norms = fn(frozen, state, xs, np.int32(stop - start))
         losses.append(chunk_losses[: stop - start])
@@ -207,8 +213,16 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
 # ----------------------------------------------------------------------------------------------------
 # Automatic remat: per program, from its compiled memory analysis
 
-# Fit keys (`_fit_key`) whose calls ran out of memory under automatic remat: remat everywhere since.
-_REMAT_FORCED: set = set()
+# Learned from out-of-memory errors, per fit key (`_fit_key`): plain programs planning at least this
+# many bytes are rematerialised (0: every program). The memory analysis cannot see what runs beside a
+# program, so a failure teaches the real bound: the smallest plain program of the failed call. Programs
+# planning less stay plain (faster), where remat everywhere cost every later call its speed. Kept in
+# `remat_limits.json` beside the persistent compilation cache, so a resumed run does not fail again.
+_REMAT_LIMIT: dict = {}
+# Planned bytes of the plain programs the current `train_candidates` call dispatched (the candidates
+# for the next limit if the call runs out of memory).
+_PLAIN_NEEDS_OF_CALL: list = []
+REMAT_LIMITS_FILE = "remat_limits.json"
 # Share of the device's free memory a program without remat may plan to use. The rest is for what
 # the memory analysis does not see: the evaluation of the previous call running beside it (its KV
 # cache), other executables, allocator fragmentation. 0.8 was too much: on an H200 the 1B preset's
@@ -229,13 +243,66 @@ def _free_device_bytes() -> Optional[int]:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
+def _limits_path() -> Optional[str]:
+    directory = compile_cache.directory()
+    return os.path.join(directory, REMAT_LIMITS_FILE) if directory else None
+
+
+def _persistent_limit_key(fit_key) -> str:
+    """The fit key and the device kind, as a stable string (configs are frozen dataclasses)."""
+    try:
+        device = jax.local_devices()[0].device_kind
+    except Exception:  # noqa: BLE001
+        device = "unknown"
+    return hashlib.sha256(f"{device}|{fit_key!r}".encode()).hexdigest()[:32]
+
+
+def _remat_limit(fit_key) -> Optional[int]:
+    """The learned limit of a fit key: this process's, else the one saved beside the compile cache."""
+    if fit_key in _REMAT_LIMIT:
+        return _REMAT_LIMIT[fit_key]
+    path = _limits_path()
+    if path and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f).get(_persistent_limit_key(fit_key))
+        except (OSError, ValueError, AttributeError) as e:  # a damaged file only costs the lesson
+            log.warning("inner loop: ignoring %s (%s)", path, e)
+            saved = None
+        if saved is not None:
+            _REMAT_LIMIT[fit_key] = int(saved)
+            log.info("inner loop: remat for programs planning >= %.1f GiB (learned by an earlier run, %s)",
+                     int(saved) / 2**30, path)
+            return int(saved)
+    return None
+
+
+def _learn_remat_limit(fit_key, limit: int) -> None:
+    limit = min(limit, _REMAT_LIMIT.get(fit_key, limit))
+    _REMAT_LIMIT[fit_key] = limit
+    path = _limits_path()
+    if not path:
+        return
+    try:
+        saved = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        saved[_persistent_limit_key(fit_key)] = limit
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(saved, f)
+        os.replace(tmp, path)
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("inner loop: could not save the remat limit to %s (%s)", path, e)
+
+
 def _remat_mode(cfg: ModelConfig, lora_cfg, inner_cfg: InnerConfig) -> Optional[str]:
-    """None: remat as configured; "auto": chosen per program; "forced": on (after an out-of-memory)."""
-    if inner_cfg.remat is not None or cfg.remat:
+    """None: remat as configured; "auto": chosen per program (below a learned limit, if any);
+    "forced": on everywhere (an out-of-memory with no plain program to blame)."""
+    if inner_cfg.remat is not None or cfg.remat or _free_device_bytes() is None:
         return None
-    if _fit_key(cfg, lora_cfg, inner_cfg) in _REMAT_FORCED:
-        return "forced"
-    return "auto" if _free_device_bytes() is not None else None
+    return "forced" if _remat_limit(_fit_key(cfg, lora_cfg, inner_cfg)) == 0 else "auto"
 
 
 def _planned_bytes(compiled) -> Optional[int]:
@@ -247,16 +314,24 @@ def _planned_bytes(compiled) -> Optional[int]:
         return None
 
 
+def _activation_bytes(cfg: ModelConfig, tokens: int, *, remat: bool = False) -> int:
+    """A floor on what a training step keeps for its backward pass over `tokens` tokens (all
+    candidates): without remat, per token and layer 8 hidden-wide and 6 MLP-wide tensors in the
+    compute dtype (the matmul inputs and outputs a LoRA layer saves; real plans measured 1.3-1.7x
+    this); with remat, each layer's input plus one layer's worth recomputed at a time."""
+    size = jnp.dtype(cfg.dtype).itemsize
+    per_token_layer = (8 * cfg.hidden_size + 6 * cfg.intermediate_size) * size
+    if remat:
+        return int(tokens) * (cfg.num_layers * cfg.hidden_size * size + per_token_layer)
+    return int(tokens) * cfg.num_layers * per_token_layer
+
+
 def _activation_bytes_floor(step_cfg: StepConfig, xs) -> int:
-    """A floor on what a chunk program without remat keeps for its backward pass: per token and layer,
-    8 hidden-wide and 6 MLP-wide tensors in the compute dtype (the matmul inputs and outputs a LoRA
-    layer saves; the real plans measured 1.3-1.7x this). Only used to skip compiling a plain program
-    that cannot fit: the 1B preset's ARC program (16 candidates x 2 x 2,048 tokens) planned 172 GiB
-    and took minutes to compile before remat was chosen."""
-    cfg = step_cfg.cfg
+    """`_activation_bytes` of a chunk program without remat. Only used to skip compiling a plain
+    program that cannot fit: the 1B preset's ARC program (16 candidates x 2 x 2,048 tokens) planned
+    172 GiB and took minutes to compile before remat was chosen."""
     k_count, batch, length = xs.tokens.shape[1:4]
-    per_token_layer = (8 * cfg.hidden_size + 6 * cfg.intermediate_size) * jnp.dtype(cfg.dtype).itemsize
-    return int(k_count) * int(batch) * int(length) * cfg.num_layers * per_token_layer
+    return _activation_bytes(step_cfg.cfg, int(k_count) * int(batch) * int(length))
 
 
 def _shape_key(fn_key, mesh, frozen, xs) -> tuple:
@@ -289,8 +364,11 @@ def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compi
     return compiled, shape_key
 
 
-def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules, frozen, state, xs):
-    """(callable, COMPILED_SHAPES key) of the chunk program for these inputs."""
+def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules, frozen, state, xs, *,
+                   limit: Optional[int] = None, plain_needs: Optional[list] = None):
+    """(callable, COMPILED_SHAPES key) of the chunk program for these inputs. Under "auto", a plain
+    program planning at least `limit` bytes is rematerialised; `plain_needs` collects the planned
+    bytes of a plain program returned."""
     if remat_mode is None:
         fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
         shape_key = _shape_key(key, mesh, frozen, xs)
@@ -299,6 +377,10 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
         return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
     choice_key = (step_cfg, mesh, rules, *xs.tokens.shape[1:4], xs.lr.shape[0])
     remat = step_lib.REMAT_CHOICE.get(choice_key)
+    if remat is False:
+        need = step_lib.REMAT_NEED.get(choice_key)
+        if limit is not None and need is not None and need >= limit:
+            remat = True  # fitted the free memory, but a program this big ran out of it beside others
     if remat is None:
         free = _free_device_bytes()
         floor = _activation_bytes_floor(step_cfg, xs)
@@ -313,12 +395,22 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
         need = _planned_bytes(plain[0])
         remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
         step_lib.REMAT_CHOICE[choice_key] = remat
+        step_lib.REMAT_NEED[choice_key] = need
         if remat:
             log.info("inner loop: K=%d length %d needs %.1f GiB without remat (%.1f GiB free): "
                      "rematerialised", xs.tokens.shape[1], xs.tokens.shape[3], need / 2**30,
                      free / 2**30)
+        elif limit is not None and need is not None and need >= limit:
+            remat = True
+            log.info("inner loop: K=%d length %d plans %.1f GiB without remat, at or above the %.1f GiB "
+                     "that ran out of memory: rematerialised", xs.tokens.shape[1], xs.tokens.shape[3],
+                     need / 2**30, limit / 2**30)
         else:
+            if plain_needs is not None and need is not None:
+                plain_needs.append(need)
             return plain
+    elif not remat and plain_needs is not None and step_lib.REMAT_NEED.get(choice_key) is not None:
+        plain_needs.append(step_lib.REMAT_NEED[choice_key])
     return _compile(step_cfg.with_remat(remat), mesh, rules, frozen, state, xs)
 
 
@@ -391,17 +483,21 @@ def train_candidates_fitting(base_params, plan: TrainPlan, *, cfg: ModelConfig,
             return concat_results([run(index[i: i + fitted]) for i in range(0, len(index), fitted)])
         sub = plan if len(index) == plan.num_candidates else plan.select(index, inner_cfg.length_buckets)
         sub_init = None if init_lora is None else jax.tree.map(lambda a: a[index], init_lora)
+        _PLAIN_NEEDS_OF_CALL.clear()  # filled by this call's plain programs
         try:
             return train(base_params, sub, init_lora=sub_init, **kw)
         except Exception as e:  # noqa: BLE001 - only allocation failures are handled
             if not is_out_of_memory(e):
                 raise
             if _remat_mode(cfg, lora_cfg, inner_cfg) == "auto":
-                # The memory analysis under-counted (e.g. the evaluation beside it grew): remat
-                # everywhere first, then smaller calls.
-                _REMAT_FORCED.add(key)
-                log.warning("inner loop: K=%d ran out of device memory; retrying with remat on",
-                            len(index))
+                # The memory analysis under-counted (e.g. the evaluation beside it grew): remat the
+                # failed call's plain programs, and every program at least as big as the smallest
+                # of them (all programs when none is known), then smaller calls.
+                limit = min(_PLAIN_NEEDS_OF_CALL) if _PLAIN_NEEDS_OF_CALL else 0
+                _learn_remat_limit(key, limit)
+                log.warning("inner loop: K=%d ran out of device memory; retrying with remat on %s",
+                            len(index), f"programs planning >= {limit / 2**30:.1f} GiB" if limit
+                            else "every program")
                 gc.collect()
                 return run(index)
             if len(index) == 1:
@@ -454,6 +550,7 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
                 job_key = (step_cfg, padded.num_candidates, c, padded.batch_size, length)
                 jobs.setdefault(job_key, (step_cfg, piece_rules, frozen, state, xs))
     mode = _remat_mode(cfg, lora_cfg, inner_cfg) or "precompile"
+    limit = _remat_limit(_fit_key(cfg, lora_cfg, inner_cfg)) if mode == "auto" else None
 
     def compile_one(job) -> None:
         step_cfg, piece_rules, frozen, state, xs = job
@@ -463,7 +560,7 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
             if mode == "precompile":
                 _compile(step_cfg, mesh, piece_rules, frozen, state, xs, skip_compiled=True)
             else:
-                _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs)
+                _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs, limit=limit)
         except Exception as e:  # noqa: BLE001 - the call itself compiles (and reports) it again
             log.warning("inner loop: precompiling K=%d length %d failed (%s); left to the call",
                         xs.tokens.shape[1], xs.tokens.shape[3], str(e).splitlines()[0][:200])

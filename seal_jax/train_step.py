@@ -273,6 +273,8 @@ def chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state: TrainState, xs: S
 PRECOMPILED: dict = {}
 # Automatic remat: (StepConfig, mesh, rules, K, C, B, T) -> whether that program runs rematerialised.
 REMAT_CHOICE: dict = {}
+# ... and the bytes its plain program plans (None: unknown, or not compiled because it cannot fit).
+REMAT_NEED: dict = {}
 
 
 def clear() -> None:
@@ -280,3 +282,4 @@ def clear() -> None:
     COMPILED_SHAPES.clear()
     PRECOMPILED.clear()
     REMAT_CHOICE.clear()
+    REMAT_NEED.clear()

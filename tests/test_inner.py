@@ -3,6 +3,7 @@
 Compiles are the cost here (each distinct (K, bs, T, StepConfig) is one XLA program), so the device
 tests share a few shapes: one length bucket (64), K in {1, 4}, steps_per_chunk 8.
 """
+import json
 import math
 
 import jax
@@ -592,7 +593,8 @@ def test_auto_remat_skips_compiling_a_plain_program_that_cannot_fit(params, monk
 def test_out_of_memory_under_auto_remat_retries_with_remat_before_splitting(params, monkeypatch):
     plan, want = _batched(params, 1)
     monkeypatch.setattr(inner, "_FITTED_K", {})
-    monkeypatch.setattr(inner, "_REMAT_FORCED", set())
+    monkeypatch.setattr(inner, "_REMAT_LIMIT", {})
+    monkeypatch.setattr(inner.compile_cache, "directory", lambda: None)  # learn in this process only
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)  # an accelerator, ample memory
     calls = []
 
@@ -611,3 +613,85 @@ def test_out_of_memory_under_auto_remat_retries_with_remat_before_splitting(para
     for a, b in zip(jax.tree.leaves(got.lora), jax.tree.leaves(want.lora)):
         assert_close_scaled(np.asarray(a), np.asarray(b), eps_multiple=1024, what="adapter")
     np.testing.assert_array_equal(got.steps, want.steps)
+
+
+class _PlainProgramOutOfMemory:
+    """A compiled plain program whose first call fails as an over-full accelerator would."""
+
+    def __init__(self, compiled, failures):
+        self.compiled, self.failures = compiled, failures
+        self.memory_analysis = compiled.memory_analysis
+
+    def __call__(self, *args):
+        if self.failures:
+            self.failures.pop()
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 44.81GiB")
+        return self.compiled(*args)
+
+
+def test_out_of_memory_rematerialises_programs_as_big_as_the_failed_ones_and_remembers(
+        params, monkeypatch, tmp_path):
+    from seal_jax import train_step as step_lib
+
+    for name in ("REMAT_CHOICE", "REMAT_NEED"):
+        monkeypatch.setattr(step_lib, name, {})
+    monkeypatch.setattr(inner, "_FITTED_K", {})
+    monkeypatch.setattr(inner, "_REMAT_LIMIT", {})
+    monkeypatch.setattr(inner.compile_cache, "directory", lambda: str(tmp_path))
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)  # the analysis says it all fits
+    ic = IC.replace(length_buckets=(16, 48), epochs=1, remat=None)
+    plan = inner.build_plan(_candidates(7), None, ic, pad_id=PAD)
+    # The long program's plain version fails once on the "device" (what ran beside it used the room).
+    failures = [True]
+    dispatched = []  # (remat, length, planned bytes of the plain program) per program handed out
+    real_compile = inner._compile
+
+    def compile_and_track(step_cfg, mesh, rules, frozen, state, xs, **kw):
+        compiled, key = real_compile(step_cfg, mesh, rules, frozen, state, xs, **kw)
+        length = xs.tokens.shape[3]
+        if not step_cfg.cfg.remat:
+            dispatched.append((False, length, inner._planned_bytes(compiled)))
+            if length == 48:
+                return _PlainProgramOutOfMemory(compiled, failures), key
+        else:
+            dispatched.append((True, length, None))
+        return compiled, key
+
+    monkeypatch.setattr(inner, "_compile", compile_and_track)
+    got = inner.train_candidates_fitting(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+    assert not failures and inner.fitted_candidates_per_call(CFG, LC, ic) is None  # no split needed
+    need = {t: n for remat, t, n in dispatched if not remat}
+    assert need[48] > need[16] > 0
+    key = inner._fit_key(CFG, LC, ic)
+    limit = inner._REMAT_LIMIT[key]
+    assert limit in (need[16], need[48])  # the smallest plain program the failed call had dispatched
+    # The retry ran rematerialised exactly the programs planning at least that much.
+    for length in (16, 48):
+        chosen = [remat for remat, t, _ in dispatched if t == length][-1]
+        assert chosen == (need[length] >= limit), (length, dispatched)
+    want = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic.replace(remat=False))
+    for a, b in zip(jax.tree.leaves(got.lora), jax.tree.leaves(want.lora)):
+        assert_close_scaled(np.asarray(a), np.asarray(b), eps_multiple=1024, what="adapter")
+
+    # Saved beside the compilation cache: a new process (empty memory) starts from the lesson.
+    saved = json.loads((tmp_path / inner.REMAT_LIMITS_FILE).read_text())
+    assert list(saved.values()) == [limit]
+    monkeypatch.setattr(inner, "_REMAT_LIMIT", {})
+    assert inner._remat_limit(key) == limit and inner._remat_mode(CFG, LC, ic) == "auto"
+    # A limit between the two programs keeps the short one plain and rematerialises the long one.
+    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
+    monkeypatch.setattr(step_lib, "REMAT_NEED", {})
+    dispatched.clear()
+    padded, step_cfg, rules, frozen, state = inner._prepare(
+        params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
+        abstract=True)
+    between = (need[16] + need[48]) // 2
+    for start, stop, t in padded.chunks(ic.steps_per_chunk):
+        inner._chunk_program(step_cfg, "auto", None, rules, frozen, state,
+                             padded.gather(start, stop, t, ic.steps_per_chunk), limit=between)
+    assert {t: remat for remat, t, _ in dispatched} == {16: False, 48: True}
+    # A damaged file costs only the lesson.
+    (tmp_path / inner.REMAT_LIMITS_FILE).write_text("{not json")
+    monkeypatch.setattr(inner, "_REMAT_LIMIT", {})
+    assert inner._remat_limit(key) is None
+
