@@ -115,7 +115,9 @@ def base_config():
     c.inner.reference_faithful = False  # pad to 2048 and train on EOS pads, as the reference
     c.inner.steps_per_chunk = 16
     c.inner.length_buckets = inner.InnerConfig.length_buckets
-    c.candidates_per_call = 8  # K trained at once (sharded over the "candidate" mesh axis)
+    # K trained at once (sharded over the "candidate" mesh axis); 0: the most the device's memory
+    # holds (inner.auto_candidates_per_call; 8 where the backend reports no memory, e.g. CPU).
+    c.candidates_per_call = 8
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 64
@@ -307,7 +309,9 @@ def get_config(variant: str = "demo"):
         c.rest_em.rounds = 2
         c.rest_em.passages_per_round = 50
         c.rest_em.reps = 3
-        c.candidates_per_call = 32
+        # Fitted to the device: a small model's step is bound by launches, so wider calls (fewer
+        # sequential steps in all) are faster; a 7B gets what its memory holds.
+        c.candidates_per_call = 0
         # The reference's precision: a bf16 base with fp32 adapters under bf16 autocast (HF Trainer
         # bf16=True). Here: base stored and multiplied in bf16; LoRA params, optimizer state, softmax
         # and the loss stay float32. A float32 GGUF/HF checkpoint is cast at load.

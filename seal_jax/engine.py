@@ -28,16 +28,24 @@ from seal_jax.sampling import SamplingParams, generate
 class EngineSettings:
     lora: LoraConfig
     inner: inner.InnerConfig
-    candidates_per_call: int = 8  # K: candidates trained in one vmapped call
+    candidates_per_call: int = 8  # K: candidates trained in one vmapped call; 0: fitted to the device
     eval_batch_size: int = 64  # rows per generate call when answering
     sample_batch_size: int = 16  # rows per generate call when sampling self-edits
     mesh: Any = None  # jax.sharding.Mesh or None (single device)
     rules: Any = None  # logical-axis rules (seal_jax.sharding); None = defaults
 
 
+# candidates_per_call=0: the largest K `inner.auto_candidates_per_call` may choose, and its choice where
+# the backend reports no device memory (CPU).
+AUTO_MAX_CANDIDATES = 128
+AUTO_FALLBACK_CANDIDATES = 8
+
+
 def candidate_buckets(candidates_per_call: int) -> tuple[int, ...]:
     """Powers of two below K, then K: a small last chunk does not pay for a full K, and a round
-    compiles at most log2(K) + 1 candidate counts per length bucket."""
+    compiles at most log2(K) + 1 candidate counts per length bucket (0: up to AUTO_MAX_CANDIDATES)."""
+    if candidates_per_call == 0:
+        candidates_per_call = AUTO_MAX_CANDIDATES
     sizes = [1 << i for i in range(max(1, candidates_per_call).bit_length()) if 1 << i < candidates_per_call]
     return tuple(sizes + [int(candidates_per_call)])
 
@@ -103,6 +111,18 @@ class Engine:
             # takes process-local arrays.
             result = dataclasses.replace(result, lora=distributed.to_host(result.lora))
         return result
+
+    def candidates_per_call_for(self, specs: Sequence[CandidateSpec]) -> int:
+        """K for a batch of candidates: the configured one, or with `candidates_per_call=0` the
+        largest the device's memory holds for these candidates' longest sequence (logged)."""
+        k = self.settings.candidates_per_call
+        if k:
+            return k
+        longest = max((len(s) for spec in specs for s in spec.sequences), default=1)
+        devices = self.settings.mesh.devices.size if self.settings.mesh is not None else 1
+        return inner.auto_candidates_per_call(self.cfg, self.settings.lora, self.settings.inner, longest,
+                                              maximum=AUTO_MAX_CANDIDATES,
+                                              fallback=AUTO_FALLBACK_CANDIDATES, devices=devices)
 
     def precompile_training(self, calls: Sequence[tuple[Sequence[CandidateSpec], Sequence[int]]],
                             inner_cfg: Optional[inner.InnerConfig] = None) -> int:

@@ -45,6 +45,8 @@ _fresh_runs: list["RunDir"] = []  # created by this process (see discard_unprodu
 DEFAULT_RESUME_SAFE: tuple[str, ...] = (
     "rest_em.rounds", "progress", "resume", "run_root", "run_name", "debug",
     "checkpoint.keep_last", "compile_cache",
+    # How many candidates train per call: grouping pins each candidate's seed, so no result changes.
+    "candidates_per_call",
 )
 
 # Config keys that determine a candidate's training and score (prefixes of dotted keys). Changing any

@@ -3,6 +3,7 @@
 Compiles are the cost here (each distinct (K, bs, T, StepConfig) is one XLA program), so the device
 tests share a few shapes: one length bucket (64), K in {1, 4}, steps_per_chunk 8.
 """
+import functools
 import json
 import math
 
@@ -695,3 +696,28 @@ def test_out_of_memory_rematerialises_programs_as_big_as_the_failed_ones_and_rem
     monkeypatch.setattr(inner, "_REMAT_LIMIT", {})
     assert inner._remat_limit(key) is None
 
+
+def test_auto_candidates_per_call_takes_the_largest_power_of_two_the_free_memory_holds(monkeypatch):
+    monkeypatch.setattr(inner, "_FITTED_K", {})
+    ic = inner.InnerConfig(length_buckets=(16, 64, 256))
+    auto = functools.partial(inner.auto_candidates_per_call, CFG, LC, ic, maximum=64, fallback=8)
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: None)
+    assert auto(100) == 8  # no memory statistics (CPU): the fallback
+    # One candidate's estimate at the longest sequence's bucket (100 + EOS -> 256 tokens).
+    tokens = 256
+    per = (inner.ACTIVATION_PLAN_FACTOR * min(inner._activation_bytes(CFG, tokens),
+                                              inner._activation_bytes(CFG, tokens, remat=True))
+           + inner.TRAINABLE_STATE_BYTES * lora_lib.lora_num_params(CFG, LC))
+    for fits, want in ((1, 1), (5, 4), (8, 8), (1000, 64)):
+        free = (fits + 0.5) * per / inner.REMAT_MEMORY_SHARE
+        monkeypatch.setattr(inner, "_free_device_bytes", lambda free=free: int(free))
+        assert auto(100) == want, fits
+    free = 4.5 * per / inner.REMAT_MEMORY_SHARE
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(free))
+    assert auto(10) > auto(100) == 4  # shorter sequences: more candidates in the same memory
+    assert auto(100, devices=4) == 16  # the candidates spread over the mesh's devices
+    bigger = CFG.replace(num_layers=4 * CFG.num_layers)
+    assert inner.auto_candidates_per_call(bigger, LC, ic, 100, maximum=64, fallback=8) < auto(100)
+    # Never above a K that already ran out of memory in this process.
+    inner._FITTED_K[inner._fit_key(CFG, LC, ic)] = 2
+    assert auto(100) == 2

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from seal_jax import rest_em
+from seal_jax import inner, rest_em
+from seal_jax.engine import AUTO_FALLBACK_CANDIDATES, AUTO_MAX_CANDIDATES
 from seal_jax.domain import CandidateSpec
 from seal_jax.estep import EditOutcome
 from seal_jax.sft import PolicyUpdate
@@ -172,6 +173,17 @@ def test_a_round_whose_grading_fails_wholesale_stops_before_the_m_step(tmp_path)
 
 
 @pytest.mark.slow
+def test_candidates_per_call_zero_is_fitted_to_the_device(monkeypatch):
+    engine = toy_engine(candidates_per_call=0)
+    assert engine.settings.inner.candidate_buckets[-1] == AUTO_MAX_CANDIDATES  # every K it may pick
+    spec = CandidateSpec([np.arange(3, 40, dtype=np.int32)], [np.ones(37, np.float32)])
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: None)
+    assert engine.candidates_per_call_for([spec]) == AUTO_FALLBACK_CANDIDATES  # CPU: no statistics
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)  # a large accelerator
+    assert engine.candidates_per_call_for([spec]) == AUTO_MAX_CANDIDATES
+    assert toy_engine(candidates_per_call=4).candidates_per_call_for([spec]) == 4  # as configured
+
+
 def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
     engine = toy_engine(candidates_per_call=4)
     assert engine.settings.inner.candidate_buckets == (1, 2, 4)

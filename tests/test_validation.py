@@ -73,7 +73,7 @@ def test_paper_embedded_variants_need_only_their_data_files(tmp_path):
     ("self_edit.top_p", 0.0, "must be > 0"),
     ("self_edit.top_p", 1.5, "must be <= 1"),
     ("self_edit.temperature", -0.1, "must be >= 0"),
-    ("candidates_per_call", 0, "must be >= 1"),
+    ("candidates_per_call", -1, "must be >= 0"),
     ("lora.rank", 0, "must be > 0"),
     ("lora.targets", ("q", "x"), "unknown ['x']"),
     ("lora.dropout", 1.0, "must be < 1"),

@@ -120,11 +120,14 @@ def arc_settings(c, batch_size: int, longest_bucket: int) -> ArcSettings:
 
 def build_experiment(c) -> ArcExperiment:
     """Validate, load tasks and model, open the run directory (or resume it)."""
-    for field in ("self_edit.k", "self_edit.k_eval", "candidates_per_call"):
+    for field in ("self_edit.k", "self_edit.k_eval"):
         section, _, key = field.rpartition(".")
-        value = (c[section] if section else c)[key]
+        value = c[section][key]
         if int(value) < 1:
             raise ConfigError(f"{field} must be >= 1, got {value}")
+    if int(c.candidates_per_call) < 0:
+        raise ConfigError(f"candidates_per_call must be >= 0 (0: fitted to the device), got "
+                          f"{c.candidates_per_call}")
     if c.rest_em.selection not in rest_em.SELECTIONS:
         raise ConfigError(f"rest_em.selection must be one of {rest_em.SELECTIONS}")
     # ARC has no rule for every key yet; the engine's keys that have one are checked here.

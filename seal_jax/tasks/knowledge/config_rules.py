@@ -41,7 +41,7 @@ def knowledge_rules() -> dict[str, V.Check]:
         "self_edit.temperature": V.number(ge=0), "self_edit.top_p": V.number(gt=0, le=1),
         "self_edit.max_new_tokens": V.integer(ge=1), "self_edit.split_newlines": V.boolean(),
         "self_edit.max_sequence_tokens": V.integer(ge=2), "self_edit.batch_size": V.integer(ge=1), "self_edit.from_file": V.existing_path(kind="file"),
-        "candidates_per_call": V.integer(ge=1),
+        "candidates_per_call": V.integer(ge=0),  # 0: fitted to the device
         "eval.max_new_tokens": V.integer(ge=1), "eval.batch_size": V.integer(ge=1), "eval.reps": V.integer(ge=1),
         "grader.kind": V.string(choices=GRADERS), "grader.f1_threshold": V.number(ge=0, le=1),
         "grader.recall_threshold": V.number(le=1),  # < 0 disables it

@@ -104,10 +104,13 @@ def validate(c) -> None:
     if c.self_edit.prompt not in PROMPT_KEYS:
         raise ConfigError(f"self_edit.prompt must be one of {PROMPT_KEYS}, got {c.self_edit.prompt!r}")
     for field, value in (("self_edit.k", c.self_edit.k), ("rest_em.reps", c.rest_em.reps),
-                         ("eval.reps", c.eval.reps), ("candidates_per_call", c.candidates_per_call),
+                         ("eval.reps", c.eval.reps),
                          ("rest_em.passages_per_round", c.rest_em.passages_per_round)):
         if int(value) < 1:
             raise ConfigError(f"{field} must be >= 1, got {value}")
+    if int(c.candidates_per_call) < 0:
+        raise ConfigError(f"candidates_per_call must be >= 0 (0: fitted to the device), got "
+                          f"{c.candidates_per_call}")
     if int(c.rest_em.rounds) < 0:
         raise ConfigError(f"rest_em.rounds must be >= 0, got {c.rest_em.rounds}")
     if not 0.0 < float(c.self_edit.top_p) <= 1.0:
