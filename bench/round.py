@@ -167,7 +167,8 @@ def main():
     with clock.phase("load"):
         engine = X.build_engine(c)
         domain = knowledge_domain(c, engine.tokenizer)
-    print(f"[load] {clock.seconds['load']:.1f} s; K={engine.settings.candidates_per_call}", flush=True)
+    print(f"[load] {clock.seconds['load']:.1f} s; candidates_per_call={engine.settings.candidates_per_call} "
+          "(0: fitted to the device)", flush=True)
     clock.wrap(engine, "train", "train")
     clock.wrap(engine, "answer", "evaluate")
     clock.wrap(domain, "score", "grade")
@@ -185,14 +186,15 @@ def main():
         return count
 
     engine.precompile_training = timed_precompile
+    # The plans of the training calls (precompile builds the same plans again: not counted twice).
     plans = []
-    build_plan = inner.build_plan
+    train_fitting = inner.train_candidates_fitting
 
-    def recording_build_plan(*a, **kw):
-        plans.append(build_plan(*a, **kw))
-        return plans[-1]
+    def recording_train_fitting(base_params, plan, **kw):
+        plans.append(plan)
+        return train_fitting(base_params, plan, **kw)
 
-    inner.build_plan = recording_build_plan
+    inner.train_candidates_fitting = recording_train_fitting
     shapes_before = inner.compiled_shape_count()
 
     passages, edits = load_workload(pathlib.Path(args.edits_file), args.passages, args.edits)
@@ -251,6 +253,7 @@ def main():
         "jax": jax.__version__, "candidates": n_cand, "trained": len(trained), "failed": len(failed),
         "passages": len(passages), "edits_per_passage": args.edits, "reps": args.reps,
         "candidates_per_call": int(c.candidates_per_call),
+        "candidates_per_train_call": max((p.num_candidates for p in plans), default=0),
         "fitted_candidates_per_call": getattr(inner, "fitted_candidates_per_call", lambda *a: None)(
             engine.cfg, engine.settings.lora, engine.settings.inner),
         "seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
