@@ -120,9 +120,14 @@ class Engine:
             return k
         longest = max((len(s) for spec in specs for s in spec.sequences), default=1)
         devices = self.settings.mesh.devices.size if self.settings.mesh is not None else 1
-        return inner.auto_candidates_per_call(self.cfg, self.settings.lora, self.settings.inner, longest,
-                                              maximum=AUTO_MAX_CANDIDATES,
-                                              fallback=AUTO_FALLBACK_CANDIDATES, devices=devices)
+        k = inner.auto_candidates_per_call(self.cfg, self.settings.lora, self.settings.inner, longest,
+                                           maximum=AUTO_MAX_CANDIDATES,
+                                           fallback=AUTO_FALLBACK_CANDIDATES, devices=devices)
+        if distributed.process_count() > 1:
+            # Every process must cut the same calls (their programs meet in collectives), and free
+            # memory differs a little between hosts: all take the smallest choice.
+            k = min(distributed.allgather_objects(k))
+        return k
 
     def precompile_training(self, calls: Sequence[tuple[Sequence[CandidateSpec], Sequence[int]]],
                             inner_cfg: Optional[inner.InnerConfig] = None) -> int:

@@ -182,6 +182,12 @@ def test_candidates_per_call_zero_is_fitted_to_the_device(monkeypatch):
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)  # a large accelerator
     assert engine.candidates_per_call_for([spec]) == AUTO_MAX_CANDIDATES
     assert toy_engine(candidates_per_call=4).candidates_per_call_for([spec]) == 4  # as configured
+    # Several processes cut the same calls: the smallest choice of any host wins.
+    from seal_jax import distributed
+
+    monkeypatch.setattr(distributed, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "allgather_objects", lambda k: [k, 16])
+    assert engine.candidates_per_call_for([spec]) == 16
 
 
 def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
