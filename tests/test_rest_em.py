@@ -190,6 +190,34 @@ def test_candidates_per_call_zero_is_fitted_to_the_device(monkeypatch):
     assert engine.candidates_per_call_for([spec]) == 16
 
 
+def test_an_e_step_with_fitted_k_scores_like_one_with_a_fixed_k(monkeypatch):
+    from seal_jax.estep import score_self_edits
+    from toy_domain import ToyDomain, Word
+
+    items = [(Word(w), i, f"note {i} on {w}" + " more" * (3 * i)) for w in WORDS for i in range(3)]
+
+    def rewards(engine):
+        calls = []
+        train = engine.train
+        monkeypatch.setattr(engine, "train", lambda specs, seeds, **kw: (calls.append(len(specs)),
+                                                                         train(specs, seeds, **kw))[1])
+        outcomes = score_self_edits(engine, ToyDomain(engine.tokenizer), items, reps=1, seed=5,
+                                    phase="t", progress=False)
+        return [o.records[0] for o in outcomes], calls
+
+    fixed, fixed_calls = rewards(toy_engine(candidates_per_call=4))
+    assert fixed_calls == [4, 4, 1]
+    # A device whose memory holds every candidate: one call of all 9, each candidate trained alike
+    # (its own seed; losses equal to rounding: another K batches the matmuls differently).
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)
+    fitted, fitted_calls = rewards(toy_engine(candidates_per_call=0))
+    assert fitted_calls == [9]
+    for a, b in zip(fitted, fixed):
+        assert (a["seed"], a["steps"], a["failed"]) == (b["seed"], b["steps"], b["failed"])
+        for key in ("first_loss", "last_loss"):
+            assert_close_scaled(np.float32(a[key]), np.float32(b[key]), eps_multiple=64, what=key)
+
+
 def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
     engine = toy_engine(candidates_per_call=4)
     assert engine.settings.inner.candidate_buckets == (1, 2, 4)
