@@ -115,8 +115,9 @@ def base_config():
     c.inner.reference_faithful = False  # pad to 2048 and train on EOS pads, as the reference
     c.inner.steps_per_chunk = 16
     c.inner.length_buckets = inner.InnerConfig.length_buckets
-    # K trained at once (sharded over the "candidate" mesh axis); 0: the most the device's memory
-    # holds (inner.auto_candidates_per_call; 8 where the backend reports no memory, e.g. CPU).
+    # K trained at once (sharded over the "candidate" mesh axis); 0: the fastest by a cost model among
+    # the K the device's memory holds (inner.fit_candidates_per_call; 8 where the backend reports no
+    # memory, e.g. CPU).
     c.candidates_per_call = 8
 
     c.eval = ml_collections.ConfigDict()
@@ -309,8 +310,9 @@ def get_config(variant: str = "demo"):
         c.rest_em.rounds = 2
         c.rest_em.passages_per_round = 50
         c.rest_em.reps = 3
-        # Fitted to the device: a small model's step is bound by launches, so wider calls (fewer
-        # sequential steps in all) are faster; a 7B gets what its memory holds.
+        # Fitted to the workload and device (inner.fit_candidates_per_call): a small model's step is
+        # bound by launches, so wider calls (fewer sequential steps) are faster; a large model's by
+        # FLOPs, so narrower calls (less padding) are.
         c.candidates_per_call = 0
         # The reference's precision: a bf16 base with fp32 adapters under bf16 autocast (HF Trainer
         # bf16=True). Here: base stored and multiplied in bf16; LoRA params, optimizer state, softmax

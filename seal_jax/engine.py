@@ -112,17 +112,17 @@ class Engine:
             result = dataclasses.replace(result, lora=distributed.to_host(result.lora))
         return result
 
-    def candidates_per_call_for(self, specs: Sequence[CandidateSpec]) -> int:
-        """K for a batch of candidates: the configured one, or with `candidates_per_call=0` the
-        largest the device's memory holds for these candidates' longest sequence (logged)."""
+    def candidates_per_call_for(self, specs: Sequence[CandidateSpec], seeds: Sequence[int]) -> int:
+        """K for a batch of candidates: the configured one, or with `candidates_per_call=0` the one
+        `inner.fit_candidates_per_call` estimates to train them fastest within the device's memory."""
         k = self.settings.candidates_per_call
         if k:
             return k
-        longest = max((len(s) for spec in specs for s in spec.sequences), default=1)
+        data, hparams = self._plan_inputs(specs, seeds)
         devices = self.settings.mesh.devices.size if self.settings.mesh is not None else 1
-        k = inner.auto_candidates_per_call(self.cfg, self.settings.lora, self.settings.inner, longest,
-                                           maximum=AUTO_MAX_CANDIDATES,
-                                           fallback=AUTO_FALLBACK_CANDIDATES, devices=devices)
+        k = inner.fit_candidates_per_call(data, hparams, self.cfg, self.settings.lora, self.settings.inner,
+                                          maximum=AUTO_MAX_CANDIDATES, fallback=AUTO_FALLBACK_CANDIDATES,
+                                          pad_id=self.pad_id, eos_id=self.eos_id, devices=devices)
         if distributed.process_count() > 1:
             # Every process must cut the same calls (their programs meet in collectives), and free
             # memory differs a little between hosts: all take the smallest choice.

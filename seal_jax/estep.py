@@ -127,7 +127,7 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                 continue
             pending.append((outcome, ctx, spec, rep, cand_seed, base_record))
 
-    k = engine.candidates_per_call_for([c[2] for c in pending])
+    k = engine.candidates_per_call_for([c[2] for c in pending], [c[4] for c in pending])
     # Calls grouped by work (optimizer steps, then sequence lengths), so a call is not held by its
     # longest member; each candidate's seed is its own, so grouping changes no candidate's result.
     groups = inner.group_candidates([_candidate_data(c[2]) for c in pending],

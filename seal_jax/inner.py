@@ -345,7 +345,7 @@ TRAINABLE_STATE_BYTES = 16
 
 def auto_candidates_per_call(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig,
                              longest_sequence: int, *, maximum: int, fallback: int, devices: int = 1) -> int:
-    """K for `candidates_per_call=0`: the largest power of two up to `maximum` whose training
+    """The largest K for `candidates_per_call=0`: the largest power of two up to `maximum` whose training
     program at the workload's longest length bucket fits REMAT_MEMORY_SHARE of the device's free
     memory, without remat or else with it (automatic remat then decides per program). Small models
     take the most: their steps are bound by launches, not FLOPs, so a call's time is about its
@@ -369,9 +369,63 @@ def auto_candidates_per_call(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], i
     fitted = [v for key, v in _FITTED_K.items() if key[0] == cfg]
     if fitted:
         k = min(k, *fitted)
-    log.info("inner loop: candidates_per_call=0 chose K=%d (longest sequence %d -> bucket %d, ~%.2f GiB "
-             "per candidate, %.1f GiB free)", k, longest_sequence, length, per_candidate / 2**30,
-             free / 2**30)
+    log.info("inner loop: device memory holds K=%d (longest sequence %d -> bucket %d, ~%.2f GiB per "
+             "candidate, %.1f GiB free)", k, longest_sequence, length, per_candidate / 2**30, free / 2**30)
+    return k
+
+
+# A cost model of a training call on the device, for `candidates_per_call=0`, from H200 measurements
+# (bench/results/round_h200.md, 2026-12-02): a step never takes less than STEP_FLOOR_S (the 135M model
+# at K=32: 32-36 ms per step whatever its tokens, bound by launches), and otherwise its FLOPs (4 N per
+# computed token: forward and the backward through activations; the frozen base has no weight
+# gradients) at TRAIN_FLOPS_PER_S (the 1B at K=32: ~55 ms per step of ~3,000 computed tokens).
+STEP_FLOOR_S = 0.032
+TRAIN_FLOPS_PER_S = 2.7e14
+
+
+def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerConfig) -> float:
+    """The cost model's seconds for one call training `plan` (K padded as the call pads it)."""
+    k_count = _padded_count(plan.num_candidates, 1, inner_cfg.candidate_buckets)
+    tokens_S = plan.step_length_S.astype(np.float64) * k_count * plan.batch_size
+    return float(np.maximum(STEP_FLOOR_S, 4.0 * cfg.num_params() * tokens_S / TRAIN_FLOPS_PER_S).sum())
+
+
+def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
+                                inner_cfg: InnerConfig, *, maximum: int, pad_id: int,
+                                eos_id: Optional[int] = None) -> tuple[int, dict[int, float]]:
+    """(K, {K: estimated seconds}) over powers of two up to `maximum`: the calls `group_candidates`
+    cuts at each K, their plans (the real padding and step counts of this workload) and the cost
+    model. Wider calls run fewer sequential steps but pad more (a call's steps are padded to its
+    longest sequence, and it runs as long as its busiest candidate): a small model, bound by the step
+    floor, gains from width; a large one, bound by FLOPs, from less padding."""
+    estimates = {}
+    k = 1
+    while k <= maximum:
+        groups = group_candidates(candidates, hparams, inner_cfg, k)
+        estimates[k] = sum(estimated_train_seconds(
+            build_plan([candidates[i] for i in g], [hparams[i] for i in g], inner_cfg, pad_id=pad_id,
+                       eos_id=eos_id), cfg, inner_cfg) for g in groups)
+        k *= 2
+    best = min(estimates, key=lambda kk: (estimates[kk], kk))
+    return best, estimates
+
+
+def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
+                            lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig, *, maximum: int,
+                            fallback: int, pad_id: int, eos_id: Optional[int] = None,
+                            devices: int = 1) -> int:
+    """K for `candidates_per_call=0`: the fastest by the cost model among those the device's memory
+    holds for these candidates (`auto_candidates_per_call`); `fallback` on a backend that reports no
+    memory (CPU), where the accelerator's cost model does not apply."""
+    longest = max((len(s) for c in candidates for s in c.sequences), default=1)
+    k = auto_candidates_per_call(cfg, lora_cfg, inner_cfg, longest, maximum=maximum, fallback=fallback,
+                                 devices=devices)
+    if not candidates or _free_device_bytes() is None:
+        return k
+    k, estimates = fastest_candidates_per_call(candidates, hparams, cfg, inner_cfg, maximum=k,
+                                               pad_id=pad_id, eos_id=eos_id)
+    log.info("inner loop: candidates_per_call=0 chose K=%d (estimated training seconds by K: %s)", k,
+             ", ".join(f"{kk}: {v:.0f}" for kk, v in estimates.items()))
     return k
 
 

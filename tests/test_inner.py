@@ -721,3 +721,29 @@ def test_auto_candidates_per_call_takes_the_largest_power_of_two_the_free_memory
     # Never above a K that already ran out of memory in this process.
     inner._FITTED_K[inner._fit_key(CFG, LC, ic)] = 2
     assert auto(100) == 2
+
+
+def test_the_cost_model_widens_calls_for_step_bound_models_and_narrows_them_for_flop_bound_ones(monkeypatch):
+    # Eight candidates: one long sequence each, and 1 to 8 short ones (steps differ, so wide calls
+    # idle their light members and pad every step to the longest row).
+    rng = np.random.default_rng(0)
+    cands = [inner.CandidateData([rng.integers(3, 50, size=60).astype(np.int32)]
+                                 + [rng.integers(3, 50, size=8).astype(np.int32)] * n)
+             for n in range(1, 9)]
+    hparams = [{"seed": k} for k in range(8)]
+    ic = inner.InnerConfig(epochs=2, length_buckets=(16, 64), candidate_buckets=(1, 2, 4, 8))
+    fastest = functools.partial(inner.fastest_candidates_per_call, cands, hparams, CFG, ic, maximum=8,
+                                pad_id=PAD)
+    plan = inner.build_plan(cands, hparams, ic, pad_id=PAD)
+    monkeypatch.setattr(inner, "TRAIN_FLOPS_PER_S", math.inf)  # every step costs the floor
+    assert inner.estimated_train_seconds(plan, CFG, ic) == pytest.approx(plan.num_steps * inner.STEP_FLOOR_S)
+    k, estimates = fastest()
+    assert k == 8 and estimates[8] == min(estimates.values())  # one call: the fewest steps
+    monkeypatch.setattr(inner, "STEP_FLOOR_S", 0.0)  # every step costs its FLOPs
+    monkeypatch.setattr(inner, "TRAIN_FLOPS_PER_S", 1e12)
+    computed = {kk: sum(inner.build_plan([cands[i] for i in g], [hparams[i] for i in g], ic, pad_id=PAD)
+                        .token_counts()["computed_tokens"]
+                        for g in inner.group_candidates(cands, hparams, ic, kk)) for kk in (1, 2, 4, 8)}
+    k, estimates = fastest()
+    assert k == min(computed, key=computed.get) == 1  # alone, no candidate pads or idles
+    assert estimates[8] > estimates[1]

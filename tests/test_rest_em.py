@@ -176,18 +176,21 @@ def test_a_round_whose_grading_fails_wholesale_stops_before_the_m_step(tmp_path)
 def test_candidates_per_call_zero_is_fitted_to_the_device(monkeypatch):
     engine = toy_engine(candidates_per_call=0)
     assert engine.settings.inner.candidate_buckets[-1] == AUTO_MAX_CANDIDATES  # every K it may pick
-    spec = CandidateSpec([np.arange(3, 40, dtype=np.int32)], [np.ones(37, np.float32)])
+    specs = [CandidateSpec([np.arange(3, 40, dtype=np.int32)], [np.ones(37, np.float32)])] * 20
+    seeds = list(range(20))
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: None)
-    assert engine.candidates_per_call_for([spec]) == AUTO_FALLBACK_CANDIDATES  # CPU: no statistics
-    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)  # a large accelerator
-    assert engine.candidates_per_call_for([spec]) == AUTO_MAX_CANDIDATES
-    assert toy_engine(candidates_per_call=4).candidates_per_call_for([spec]) == 4  # as configured
+    assert engine.candidates_per_call_for(specs, seeds) == AUTO_FALLBACK_CANDIDATES  # CPU: no statistics
+    # A large accelerator and a tiny model, bound by the step floor: the narrowest K holding all 20
+    # candidates in one call (wider ones only pad more).
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)
+    assert engine.candidates_per_call_for(specs, seeds) == 32
+    assert toy_engine(candidates_per_call=4).candidates_per_call_for(specs, seeds) == 4  # as configured
     # Several processes cut the same calls: the smallest choice of any host wins.
     from seal_jax import distributed
 
     monkeypatch.setattr(distributed, "process_count", lambda: 2)
     monkeypatch.setattr(distributed, "allgather_objects", lambda k: [k, 16])
-    assert engine.candidates_per_call_for([spec]) == 16
+    assert engine.candidates_per_call_for(specs, seeds) == 16
 
 
 def test_an_e_step_with_fitted_k_scores_like_one_with_a_fixed_k(monkeypatch):
