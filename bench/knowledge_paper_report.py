@@ -79,15 +79,21 @@ def read_records(run: pathlib.Path) -> list[dict]:
     return RecordLog(run / "records.jsonl").read()
 
 
-def per_passage_rewards(records: Sequence[dict], phase: str) -> dict[str, float]:
-    """{passage id: reward} of a table condition: the mean over its reps, failures counting 0 and
-    ungraded reps left out (estep.EditOutcome's rule); the last record of a candidate wins (resume)."""
+def latest_records(records: Sequence[dict], phase: str) -> dict[tuple, dict]:
+    """{(passage id, edit index, rep): record} of a phase's candidates; the last record of a candidate
+    wins (a resumed run may have written it again)."""
     latest: dict[tuple, dict] = {}
     for r in records:
         if r.get("phase") == phase and "edit_index" in r:
             latest[(r["context_id"], r["edit_index"], r["rep"])] = r
+    return latest
+
+
+def per_passage_rewards(records: Sequence[dict], phase: str) -> dict[str, float]:
+    """{passage id: reward} of a table condition: the mean over its reps, failures counting 0 and
+    ungraded reps left out (estep.EditOutcome's rule); the last record of a candidate wins (resume)."""
     reps: dict[str, list[float]] = {}
-    for (cid, _, _), r in latest.items():
+    for (cid, _, _), r in latest_records(records, phase).items():
         if r.get("failed"):
             reps.setdefault(cid, []).append(0.0)
         elif r.get("reward") is not None:
@@ -148,12 +154,8 @@ SEQUENCE_BINS = tuple(sequence_bin(e) for e in SEQUENCE_BIN_EDGES)
 def reward_by_sequences(records: Sequence[dict], phase: str) -> dict[str, dict]:
     """{bin: {"n", "reward"}} over a phase's graded candidates (the last record of each wins, failures
     score 0 in bin 0-1)."""
-    latest: dict[tuple, dict] = {}
-    for r in records:
-        if r.get("phase") == phase and "edit_index" in r:
-            latest[(r["context_id"], r["edit_index"], r["rep"])] = r
     rewards: dict[str, list[float]] = {}
-    for r in latest.values():
+    for r in latest_records(records, phase).values():
         if r.get("failed"):
             rewards.setdefault(sequence_bin(0), []).append(0.0)
         elif r.get("reward") is not None:
