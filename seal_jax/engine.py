@@ -35,7 +35,7 @@ class EngineSettings:
     rules: Any = None  # logical-axis rules (seal_jax.sharding); None = defaults
 
 
-# candidates_per_call=0: the largest K `inner.auto_candidates_per_call` may choose, and its choice where
+# candidates_per_call=0: the largest K `inner.fit_candidates_per_call` may choose, and its choice where
 # the backend reports no device memory (CPU).
 AUTO_MAX_CANDIDATES = 128
 AUTO_FALLBACK_CANDIDATES = 8

@@ -270,15 +270,18 @@ def _remat_limit(fit_key) -> Optional[int]:
             log.warning("inner loop: ignoring %s (%s)", path, e)
             saved = None
         if saved is not None:
-            _REMAT_LIMIT[fit_key] = int(saved)
             log.info("inner loop: remat for programs planning >= %.1f GiB (learned by an earlier run, %s)",
                      int(saved) / 2**30, path)
-            return int(saved)
-    return None
+            saved = int(saved)
+    else:
+        saved = None
+    _REMAT_LIMIT[fit_key] = saved  # read once per process (None: nothing learned yet)
+    return saved
 
 
 def _learn_remat_limit(fit_key, limit: int) -> None:
-    limit = min(limit, _REMAT_LIMIT.get(fit_key, limit))
+    known = _REMAT_LIMIT.get(fit_key)
+    limit = limit if known is None else min(limit, known)
     _REMAT_LIMIT[fit_key] = limit
     path = _limits_path()
     if not path:
@@ -343,14 +346,14 @@ ACTIVATION_PLAN_FACTOR = 1.7
 TRAINABLE_STATE_BYTES = 16
 
 
-def auto_candidates_per_call(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig,
-                             longest_sequence: int, *, maximum: int, fallback: int, devices: int = 1) -> int:
-    """The largest K for `candidates_per_call=0`: the largest power of two up to `maximum` whose training
-    program at the workload's longest length bucket fits REMAT_MEMORY_SHARE of the device's free
-    memory, without remat or else with it (automatic remat then decides per program). Small models
-    take the most: their steps are bound by launches, not FLOPs, so a call's time is about its
-    longest member's step count, and fewer, wider calls run fewer steps in all. `fallback` where the
-    backend reports no memory (CPU); never above a K that already ran out of memory here."""
+def candidates_per_call_in_memory(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig,
+                                  longest_sequence: int, *, maximum: int, fallback: int,
+                                  devices: int = 1) -> int:
+    """The largest K `fit_candidates_per_call` may take: the largest power of two up to `maximum`
+    whose training program at the workload's longest length bucket fits REMAT_MEMORY_SHARE of the
+    device's free memory, without remat or else with it (automatic remat then decides per program).
+    `fallback` where the backend reports no memory (CPU); never above a K that already ran out of
+    memory here."""
     free = _free_device_bytes()
     if free is None:
         return max(1, min(fallback, maximum))
@@ -415,11 +418,11 @@ def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: M
                             fallback: int, pad_id: int, eos_id: Optional[int] = None,
                             devices: int = 1) -> int:
     """K for `candidates_per_call=0`: the fastest by the cost model among those the device's memory
-    holds for these candidates (`auto_candidates_per_call`); `fallback` on a backend that reports no
+    holds for these candidates (`candidates_per_call_in_memory`); `fallback` on a backend that reports no
     memory (CPU), where the accelerator's cost model does not apply."""
     longest = max((len(s) for c in candidates for s in c.sequences), default=1)
-    k = auto_candidates_per_call(cfg, lora_cfg, inner_cfg, longest, maximum=maximum, fallback=fallback,
-                                 devices=devices)
+    k = candidates_per_call_in_memory(cfg, lora_cfg, inner_cfg, longest, maximum=maximum,
+                                      fallback=fallback, devices=devices)
     if not candidates or _free_device_bytes() is None:
         return k
     k, estimates = fastest_candidates_per_call(candidates, hparams, cfg, inner_cfg, maximum=k,
@@ -471,41 +474,35 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
     if remat_mode == "forced":
         return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
     choice_key = (step_cfg, mesh, rules, *xs.tokens.shape[1:4], xs.lr.shape[0])
-    remat = step_lib.REMAT_CHOICE.get(choice_key)
-    if remat is False:
-        need = step_lib.REMAT_NEED.get(choice_key)
-        if limit is not None and need is not None and need >= limit:
-            remat = True  # fitted the free memory, but a program this big ran out of it beside others
-    if remat is None:
+    if choice_key not in step_lib.REMAT_CHOICE:
         free = _free_device_bytes()
         floor = _activation_bytes_floor(step_cfg, xs)
         if free is not None and floor > REMAT_MEMORY_SHARE * free:
-            remat = True  # no compile of a plain program that cannot fit
-            step_lib.REMAT_CHOICE[choice_key] = remat
+            step_lib.REMAT_CHOICE[choice_key] = True  # no compile of a plain program that cannot fit
             log.info("inner loop: K=%d length %d keeps at least %.1f GiB of activations without "
                      "remat (%.1f GiB free): rematerialised", xs.tokens.shape[1], xs.tokens.shape[3],
                      floor / 2**30, free / 2**30)
-            return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
-        plain = _compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)
-        need = _planned_bytes(plain[0])
-        remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
-        step_lib.REMAT_CHOICE[choice_key] = remat
-        step_lib.REMAT_NEED[choice_key] = need
-        if remat:
-            log.info("inner loop: K=%d length %d needs %.1f GiB without remat (%.1f GiB free): "
-                     "rematerialised", xs.tokens.shape[1], xs.tokens.shape[3], need / 2**30,
-                     free / 2**30)
-        elif limit is not None and need is not None and need >= limit:
-            remat = True
+        else:
+            need = _planned_bytes(_compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)[0])
+            remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
+            step_lib.REMAT_CHOICE[choice_key] = remat
+            step_lib.REMAT_NEED[choice_key] = need
+            if remat:
+                log.info("inner loop: K=%d length %d needs %.1f GiB without remat (%.1f GiB free): "
+                         "rematerialised", xs.tokens.shape[1], xs.tokens.shape[3], need / 2**30,
+                         free / 2**30)
+    remat = step_lib.REMAT_CHOICE[choice_key]
+    need = step_lib.REMAT_NEED.get(choice_key)
+    if not remat and need is not None:
+        if limit is not None and need >= limit:
+            # Fitted the free memory, but a program this big ran out of it beside others. The limit
+            # only falls, so the choice is kept.
+            remat = step_lib.REMAT_CHOICE[choice_key] = True
             log.info("inner loop: K=%d length %d plans %.1f GiB without remat, at or above the %.1f GiB "
                      "that ran out of memory: rematerialised", xs.tokens.shape[1], xs.tokens.shape[3],
                      need / 2**30, limit / 2**30)
-        else:
-            if plain_needs is not None and need is not None:
-                plain_needs.append(need)
-            return plain
-    elif not remat and plain_needs is not None and step_lib.REMAT_NEED.get(choice_key) is not None:
-        plain_needs.append(step_lib.REMAT_NEED[choice_key])
+        elif plain_needs is not None:
+            plain_needs.append(need)
     return _compile(step_cfg.with_remat(remat), mesh, rules, frozen, state, xs)
 
 

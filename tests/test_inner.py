@@ -697,12 +697,12 @@ def test_out_of_memory_rematerialises_programs_as_big_as_the_failed_ones_and_rem
     assert inner._remat_limit(key) is None
 
 
-def test_auto_candidates_per_call_takes_the_largest_power_of_two_the_free_memory_holds(monkeypatch):
+def test_candidates_per_call_in_memory_takes_the_largest_power_of_two_the_free_memory_holds(monkeypatch):
     monkeypatch.setattr(inner, "_FITTED_K", {})
     ic = inner.InnerConfig(length_buckets=(16, 64, 256))
-    auto = functools.partial(inner.auto_candidates_per_call, CFG, LC, ic, maximum=64, fallback=8)
+    in_memory = functools.partial(inner.candidates_per_call_in_memory, CFG, LC, ic, maximum=64, fallback=8)
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: None)
-    assert auto(100) == 8  # no memory statistics (CPU): the fallback
+    assert in_memory(100) == 8  # no memory statistics (CPU): the fallback
     # One candidate's estimate at the longest sequence's bucket (100 + EOS -> 256 tokens).
     tokens = 256
     per = (inner.ACTIVATION_PLAN_FACTOR * min(inner._activation_bytes(CFG, tokens),
@@ -711,16 +711,16 @@ def test_auto_candidates_per_call_takes_the_largest_power_of_two_the_free_memory
     for fits, want in ((1, 1), (5, 4), (8, 8), (1000, 64)):
         free = (fits + 0.5) * per / inner.REMAT_MEMORY_SHARE
         monkeypatch.setattr(inner, "_free_device_bytes", lambda free=free: int(free))
-        assert auto(100) == want, fits
+        assert in_memory(100) == want, fits
     free = 4.5 * per / inner.REMAT_MEMORY_SHARE
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(free))
-    assert auto(10) > auto(100) == 4  # shorter sequences: more candidates in the same memory
-    assert auto(100, devices=4) == 16  # the candidates spread over the mesh's devices
+    assert in_memory(10) > in_memory(100) == 4  # shorter sequences: more candidates in the same memory
+    assert in_memory(100, devices=4) == 16  # the candidates spread over the mesh's devices
     bigger = CFG.replace(num_layers=4 * CFG.num_layers)
-    assert inner.auto_candidates_per_call(bigger, LC, ic, 100, maximum=64, fallback=8) < auto(100)
+    assert inner.candidates_per_call_in_memory(bigger, LC, ic, 100, maximum=64, fallback=8) < in_memory(100)
     # Never above a K that already ran out of memory in this process.
     inner._FITTED_K[inner._fit_key(CFG, LC, ic)] = 2
-    assert auto(100) == 2
+    assert in_memory(100) == 2
 
 
 def test_the_cost_model_widens_calls_for_step_bound_models_and_narrows_them_for_flop_bound_ones(monkeypatch):
