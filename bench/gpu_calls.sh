@@ -8,7 +8,8 @@
 #                                                      pre-optax tree) and vs the PyTorch peer; decode
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
-#                                                      run finds the persistent compilation cache)
+#                                                      run finds the persistent compilation cache);
+#                                                      ROUND_TAG suffixes the output names (e.g. _k32)
 #   bench/gpu_calls.sh arc              carry [.whl, .tok]  bench/arc_round.py (ARC_ARGS), the 1B preset's
 #                                                      phases; with `--tokenizer .tok` in ARC_ARGS (.tok:
 #                                                      tokenizer.json + tokenizer_config.json of a run's
@@ -50,7 +51,7 @@ kernels)
   timeout 200 python3 bench/decode.py --preset qwen2.5-7b --out "$OUT/decode_7b.json" 2>&1 | tail -n 12 ;;
 round)
   for model in ${1//,/ }; do
-    tag=$(echo "$model" | tr ':.' '__')
+    tag=$(echo "$model" | tr ':.' '__')${ROUND_TAG:-}
     for run in 1 $( [ "${ROUND_REPEAT:-0}" = 1 ] && echo 2 ); do
       # The whole log goes to $OUT as it is written, so a run cut by its timeout still shows its pace.
       timeout "${ROUND_TIMEOUT:-420}" python3 bench/round.py --model "$model" --out "$OUT/round_${tag}_run$run.json" \

@@ -396,19 +396,29 @@ def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerC
 def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
                                 inner_cfg: InnerConfig, *, maximum: int, pad_id: int,
                                 eos_id: Optional[int] = None) -> tuple[int, dict[int, float]]:
-    """(K, {K: estimated seconds}) over powers of two up to `maximum`: the calls `group_candidates`
-    cuts at each K, their plans (the real padding and step counts of this workload) and the cost
-    model. Wider calls run fewer sequential steps but pad more (a call's steps are padded to its
+    """(K, {K: estimated seconds}) over the powers of two up to `maximum` that a lower bound does not
+    rule out: the calls `group_candidates` cuts at each K, their plans (the real padding and step
+    counts of this workload) and the cost model. Wider calls run fewer sequential steps but pad more (a call's steps are padded to its
     longest sequence, and it runs as long as its busiest candidate): a small model, bound by the step
     floor, gains from width; a large one, bound by FLOPs, from less padding."""
+    # Widest first: every step costs at least STEP_FLOOR_S and a call runs at least its members' mean
+    # number of steps, so K costs at least STEP_FLOOR_S * (all candidates' steps) / K. A K whose bound
+    # exceeds the best estimate so far cannot win and is not planned (planning is ~0.6 s per K on the
+    # paper workload; on an accelerator the narrow Ks are almost always bound out).
     estimates = {}
+    widths = []
     k = 1
     while k <= maximum:
-        groups = group_candidates(candidates, hparams, inner_cfg, k)
-        estimates[k] = sum(estimated_train_seconds(
-            build_plan([candidates[i] for i in g], [hparams[i] for i in g], inner_cfg, pad_id=pad_id,
-                       eos_id=eos_id), cfg, inner_cfg) for g in groups)
+        widths.append(k)
         k *= 2
+    total_steps = None
+    for k in reversed(widths):
+        if total_steps is not None and STEP_FLOOR_S * total_steps / k > min(estimates.values()):
+            continue
+        plans = [build_plan([candidates[i] for i in g], [hparams[i] for i in g], inner_cfg, pad_id=pad_id,
+                            eos_id=eos_id) for g in group_candidates(candidates, hparams, inner_cfg, k)]
+        estimates[k] = sum(estimated_train_seconds(plan, cfg, inner_cfg) for plan in plans)
+        total_steps = sum(int(plan.num_steps_K.sum()) for plan in plans)
     best = min(estimates, key=lambda kk: (estimates[kk], kk))
     return best, estimates
 

@@ -739,6 +739,9 @@ def test_the_cost_model_widens_calls_for_step_bound_models_and_narrows_them_for_
     assert inner.estimated_train_seconds(plan, CFG, ic) == pytest.approx(plan.num_steps * inner.STEP_FLOOR_S)
     k, estimates = fastest()
     assert k == 8 and estimates[8] == min(estimates.values())  # one call: the fewest steps
+    # 88 steps in all: K <= 4 runs at least 22 steps of the floor, more than the 18 of one call, so
+    # narrower calls are bound out without being planned.
+    assert list(estimates) == [8]
     monkeypatch.setattr(inner, "STEP_FLOOR_S", 0.0)  # every step costs its FLOPs
     monkeypatch.setattr(inner, "TRAIN_FLOPS_PER_S", 1e12)
     computed = {kk: sum(inner.build_plan([cands[i] for i in g], [hparams[i] for i in g], ic, pad_id=PAD)
