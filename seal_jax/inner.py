@@ -215,8 +215,8 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
 
 # Learned from out-of-memory errors, per fit key (`_fit_key`): plain programs planning at least this
 # many bytes are rematerialised (0: every program). The memory analysis cannot see what runs beside a
-# program, so a failure teaches the real bound: the smallest plain program of the failed call. Programs
-# planning less stay plain (faster), where remat everywhere cost every later call its speed. Kept in
+# program, so a failure teaches a bound from above: the largest plain program of the failed call
+# (lowered again by each further failure). Programs planning less stay plain (faster), where remat everywhere cost every later call its speed. Kept in
 # `remat_limits.json` beside the persistent compilation cache, so a resumed run does not fail again.
 _REMAT_LIMIT: dict = {}
 # Planned bytes of the plain programs the current `train_candidates` call dispatched (the candidates
@@ -593,9 +593,13 @@ def train_candidates_fitting(base_params, plan: TrainPlan, *, cfg: ModelConfig,
                 raise
             if _remat_mode(cfg, lora_cfg, inner_cfg) == "auto":
                 # The memory analysis under-counted (e.g. the evaluation beside it grew): remat the
-                # failed call's plain programs, and every program at least as big as the smallest
-                # of them (all programs when none is known), then smaller calls.
-                limit = min(_PLAIN_NEEDS_OF_CALL) if _PLAIN_NEEDS_OF_CALL else 0
+                # failed call's largest plain program and every program at least as big, and retry.
+                # Each further failure lowers the limit to the largest plain program still left
+                # (all programs once none is), then K is halved. Starting from the smallest instead
+                # rematerialised nearly every program of the paper E-step after one failure (the
+                # 135M model at K=128: limit 3.7 GiB against a 43 GiB allocation that failed), a
+                # lesson that then persisted in remat_limits.json.
+                limit = max(_PLAIN_NEEDS_OF_CALL) if _PLAIN_NEEDS_OF_CALL else 0
                 _learn_remat_limit(key, limit)
                 log.warning("inner loop: K=%d ran out of device memory; retrying with remat on %s",
                             len(index), f"programs planning >= {limit / 2**30:.1f} GiB" if limit

@@ -665,7 +665,7 @@ def test_out_of_memory_rematerialises_programs_as_big_as_the_failed_ones_and_rem
     assert need[48] > need[16] > 0
     key = inner._fit_key(CFG, LC, ic)
     limit = inner._REMAT_LIMIT[key]
-    assert limit in (need[16], need[48])  # the smallest plain program the failed call had dispatched
+    assert limit == need[48]  # the largest plain program the failed call had dispatched
     # The retry ran rematerialised exactly the programs planning at least that much.
     for length in (16, 48):
         chosen = [remat for remat, t, _ in dispatched if t == length][-1]
