@@ -377,20 +377,38 @@ def candidates_per_call_in_memory(cfg: ModelConfig, lora_cfg: Optional[LoraConfi
     return k
 
 
-# A cost model of a training call on the device, for `candidates_per_call=0`, from H200 measurements
-# (bench/results/round_h200.md, 2026-12-02): a step never takes less than STEP_FLOOR_S (the 135M model
-# at K=32: 32-36 ms per step whatever its tokens, bound by launches), and otherwise its FLOPs (4 N per
-# computed token: forward and the backward through activations; the frozen base has no weight
-# gradients) at TRAIN_FLOPS_PER_S (the 1B at K=32: ~55 ms per step of ~3,000 computed tokens).
-STEP_FLOOR_S = 0.032
-TRAIN_FLOPS_PER_S = 2.7e14
+# A cost model of a training call on the device, for `candidates_per_call=0`, fitted to H200 calls
+# of the paper E-step (bench/results/round_h200.md, 2026-12-02 fifth session; `bench/estep_cost_model.py
+# --log` fits a call's time to steps, computed tokens and calls). A call costs CALL_OVERHEAD_S, each
+# optimizer step a fixed part (kernel launches, STEP_OVERHEAD_S, plus reading the frozen weights:
+# Qwen2.5-7B 26 ms a step whatever its tokens) and each computed token 4 N FLOPs (forward and the
+# backward through activations; the frozen base has no weight gradients) at a rate that grows with the
+# model's width: small matrices run the tensor cores far below their peak (the 135M model ~5 us a
+# token, 1.1e14 FLOP/s; the 7B 62 us, 4.9e14). The old model (a step costs the larger of a 32 ms floor
+# and its FLOPs at 2.7e14) chose K=128 for the 135M model, which trained the paper E-step slower than
+# K=32 (94 s against 65 s), and K=4 for the 7B, where the fit says K=8 is ~17% faster.
+CALL_OVERHEAD_S = 0.3
+STEP_OVERHEAD_S = 0.010
+STEP_SECONDS_PER_WEIGHT_BYTE = 1.1e-12
+TOKEN_FLOPS_PER_S = 4.9e14
+TOKEN_FLOPS_FULL_WIDTH = 3584  # hidden size from which the token rate is TOKEN_FLOPS_PER_S
+TOKEN_FLOPS_WIDTH_EXPONENT = 0.85
+
+
+def _step_and_token_seconds(cfg: ModelConfig) -> tuple[float, float]:
+    """The cost model's seconds per optimizer step and per computed token for this model."""
+    weight_bytes = cfg.num_params() * jnp.dtype(cfg.dtype).itemsize
+    step = STEP_OVERHEAD_S + STEP_SECONDS_PER_WEIGHT_BYTE * weight_bytes
+    width = min(1.0, cfg.hidden_size / TOKEN_FLOPS_FULL_WIDTH) ** TOKEN_FLOPS_WIDTH_EXPONENT
+    return step, 4.0 * cfg.num_params() / (TOKEN_FLOPS_PER_S * width)
 
 
 def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerConfig) -> float:
     """The cost model's seconds for one call training `plan` (K padded as the call pads it)."""
     k_count = _padded_count(plan.num_candidates, 1, inner_cfg.candidate_buckets)
-    tokens_S = plan.step_length_S.astype(np.float64) * k_count * plan.batch_size
-    return float(np.maximum(STEP_FLOOR_S, 4.0 * cfg.num_params() * tokens_S / TRAIN_FLOPS_PER_S).sum())
+    computed = float(plan.step_length_S.astype(np.float64).sum()) * k_count * plan.batch_size
+    step, token = _step_and_token_seconds(cfg)
+    return CALL_OVERHEAD_S + step * plan.num_steps + token * computed
 
 
 def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
@@ -401,24 +419,27 @@ def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cf
     counts of this workload) and the cost model. Wider calls run fewer sequential steps but pad more (a call's steps are padded to its
     longest sequence, and it runs as long as its busiest candidate): a small model, bound by the step
     floor, gains from width; a large one, bound by FLOPs, from less padding."""
-    # Widest first: every step costs at least STEP_FLOOR_S and a call runs at least its members' mean
-    # number of steps, so K costs at least STEP_FLOOR_S * (all candidates' steps) / K. A K whose bound
-    # exceeds the best estimate so far cannot win and is not planned (planning is ~0.6 s per K on the
-    # paper workload; on an accelerator the narrow Ks are almost always bound out).
+    # Widest first. A call runs at least its members' mean number of steps and computes at least
+    # their real tokens, so K costs at least step * (all candidates' steps) / K + token * (real
+    # tokens): a K whose bound exceeds the best estimate so far cannot win and is not planned
+    # (planning is ~0.6 s per K on the paper workload).
+    step, token = _step_and_token_seconds(cfg)
     estimates = {}
     widths = []
     k = 1
     while k <= maximum:
         widths.append(k)
         k *= 2
-    total_steps = None
+    total_steps = real_tokens = None
     for k in reversed(widths):
-        if total_steps is not None and STEP_FLOOR_S * total_steps / k > min(estimates.values()):
+        if total_steps is not None and (step * total_steps / k + token * real_tokens
+                                        > min(estimates.values())):
             continue
         plans = [build_plan([candidates[i] for i in g], [hparams[i] for i in g], inner_cfg, pad_id=pad_id,
                             eos_id=eos_id) for g in group_candidates(candidates, hparams, inner_cfg, k)]
         estimates[k] = sum(estimated_train_seconds(plan, cfg, inner_cfg) for plan in plans)
         total_steps = sum(int(plan.num_steps_K.sum()) for plan in plans)
+        real_tokens = sum(plan.token_counts()["real_tokens"] for plan in plans)
     best = min(estimates, key=lambda kk: (estimates[kk], kk))
     return best, estimates
 

@@ -735,15 +735,18 @@ def test_the_cost_model_widens_calls_for_step_bound_models_and_narrows_them_for_
     fastest = functools.partial(inner.fastest_candidates_per_call, cands, hparams, CFG, ic, maximum=8,
                                 pad_id=PAD)
     plan = inner.build_plan(cands, hparams, ic, pad_id=PAD)
-    monkeypatch.setattr(inner, "TRAIN_FLOPS_PER_S", math.inf)  # every step costs the floor
-    assert inner.estimated_train_seconds(plan, CFG, ic) == pytest.approx(plan.num_steps * inner.STEP_FLOOR_S)
+    monkeypatch.setattr(inner, "CALL_OVERHEAD_S", 0.0)
+    monkeypatch.setattr(inner, "TOKEN_FLOPS_PER_S", math.inf)  # every step costs its fixed part
+    step, token = inner._step_and_token_seconds(CFG)
+    assert token == 0 and inner.estimated_train_seconds(plan, CFG, ic) == pytest.approx(plan.num_steps * step)
     k, estimates = fastest()
     assert k == 8 and estimates[8] == min(estimates.values())  # one call: the fewest steps
-    # 88 steps in all: K <= 4 runs at least 22 steps of the floor, more than the 18 of one call, so
-    # narrower calls are bound out without being planned.
+    # 88 steps in all: K <= 4 runs at least 22 steps, more than the 18 of one call, so narrower calls
+    # are bound out without being planned.
     assert list(estimates) == [8]
-    monkeypatch.setattr(inner, "STEP_FLOOR_S", 0.0)  # every step costs its FLOPs
-    monkeypatch.setattr(inner, "TRAIN_FLOPS_PER_S", 1e12)
+    monkeypatch.setattr(inner, "STEP_OVERHEAD_S", 0.0)  # every step costs its tokens' FLOPs
+    monkeypatch.setattr(inner, "STEP_SECONDS_PER_WEIGHT_BYTE", 0.0)
+    monkeypatch.setattr(inner, "TOKEN_FLOPS_PER_S", 1e12)
     computed = {kk: sum(inner.build_plan([cands[i] for i in g], [hparams[i] for i in g], ic, pad_id=PAD)
                         .token_counts()["computed_tokens"]
                         for g in inner.group_candidates(cands, hparams, ic, kk)) for kk in (1, 2, 4, 8)}
