@@ -193,6 +193,32 @@ def test_grouped_lora_equals_per_group_shared_and_vmap(qwen):
         fwd(params, tokens[:4], cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
 
 
+def test_packed_rows_with_per_segment_adapters_equal_each_sequence_alone(qwen):
+    cfg, params = qwen
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    adapters = random_lora(cfg, lora_cfg, jax.random.key(9), groups=3)  # [L, K=3, ...]
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(3, cfg.vocab_size, n) for n in (7, 5, 9, 3, 4)]
+    owner = [0, 2, 1, 2, 2]  # candidate 2 twice in row 0 and once in row 1
+    place = [(0, 0, 0), (0, 7, 1), (1, 0, 0), (1, 9, 1), (0, 12, 2)]  # (row, column, segment slot)
+    tokens = np.zeros((2, 16), np.int32)
+    segments = np.zeros((2, 16), np.int32)
+    rows = np.zeros((2, 3), np.int32)
+    for (r, col, slot), seq, k in zip(place, seqs, owner):
+        tokens[r, col:col + len(seq)] = seq
+        segments[r, col:col + len(seq)] = slot + 1
+        rows[r, slot] = k
+    out = fwd(params, jnp.asarray(tokens), cfg=cfg, lora=adapters, lora_cfg=lora_cfg,
+              segment_ids_BxT=jnp.asarray(segments), lora_rows_BxM=jnp.asarray(rows))
+    for (r, col, _), seq, k in zip(place, seqs, owner):
+        alone = fwd(params, jnp.asarray(seq)[None], cfg=cfg,
+                    lora=jax.tree.map(lambda x: x[:, k], adapters), lora_cfg=lora_cfg)[0]
+        assert_close_scaled(out[r, col:col + len(seq)], alone, eps_multiple=128, what=f"segment of {k}")
+    with pytest.raises(ValueError, match="segment_ids"):
+        fwd(params, jnp.asarray(tokens), cfg=cfg, lora=adapters, lora_cfg=lora_cfg,
+            lora_rows_BxM=jnp.asarray(rows))
+
+
 def test_grouped_lora_decode_matches_full_forward(qwen):
     cfg, params = qwen
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
