@@ -55,7 +55,8 @@ def calls(cands, hparams, inner_cfg, k, pad_id, eos_id):
         plan = build_plan([cands[j] for j in group], [hparams[j] for j in group], inner_cfg,
                           pad_id=pad_id, eos_id=eos_id)
         counts = plan.token_counts()
-        out.append((plan.num_steps, len(plan.chunks(inner_cfg.steps_per_chunk)),
+        chunks = plan.packed_chunks if plan.packs_rows else plan.chunks
+        out.append((plan.num_steps, len(chunks(inner_cfg.steps_per_chunk)),
                     counts["computed_tokens"], counts["real_tokens"]))
     return np.array(out, np.float64)
 
@@ -84,7 +85,8 @@ def main():
     if args.log:
         text = pathlib.Path(args.log).read_text()
         times = np.array([float(t) for t in re.findall(r"\[train\] call \d+: \d+ items, ([\d.]+) s", text)])
-        k = int(re.search(r"K=(\d+)", text).group(1))
+        found = re.search(r"K=(\d+)", text)  # else the K of --ks (logs that do not name it)
+        k = int(found.group(1)) if found else int(args.ks.split(",")[0])
         a = per_k.get(k)
         if a is None or len(a) != len(times):
             sys.exit(f"the log has {len(times)} calls at K={k}; the plans give "

@@ -108,7 +108,8 @@ def run_one(params, cfg, lora_cfg, inner_cfg, k_count, mesh, epochs) -> dict:
         "k": k_count, "plan_s": round(plan_s, 4), "first_call_s": round(times[0], 3),
         "steady_s": round(steady, 3), "compile_s": round(times[0] - steady, 3),
         "compiled_shapes": inner.compiled_shape_count() - shapes_before,
-        "chunks": len(plan.chunks(inner_cfg.steps_per_chunk)),
+        "chunks": len(plan.packed_chunks(inner_cfg.steps_per_chunk) if plan.packs_rows
+                      else plan.chunks(inner_cfg.steps_per_chunk)),
         "steps": int(plan.num_steps),
         "seconds_per_candidate": round(steady / k_count, 5),
         "candidates_per_hour": round(3600 * k_count / steady, 1),
@@ -127,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--models", default="llama-3.2-1b,qwen2.5-7b")
     ap.add_argument("--ks", default="1,8,32,64,128")
     ap.add_argument("--shuffle", default="independent,shared,aligned")
+    ap.add_argument("--packing", default="on", help="on,off: packed rows (the default) and/or a row per candidate")
     ap.add_argument("--buckets", default=",".join(map(str, inner.InnerConfig.length_buckets)),
                     help="sequence length buckets (one compiled program per bucket used; default: "
                          "InnerConfig's)")
@@ -178,11 +180,11 @@ def main(argv=None):
                 transformer.param_logical_axes(cfg), mesh, sharding.DEFAULT_RULES, params))
         jax.block_until_ready(params)
         init_s = time.perf_counter() - t0
-        for shuffle in args.shuffle.split(","):
+        for shuffle, packing in ((s, p) for s in args.shuffle.split(",") for p in args.packing.split(",")):
             inner_cfg = inner.InnerConfig(
                 batch_size=1, epochs=args.epochs, learning_rate=1e-3,
                 length_buckets=tuple(int(b) for b in args.buckets.split(",")),
-                steps_per_chunk=args.steps_per_chunk, shuffle=shuffle,
+                steps_per_chunk=args.steps_per_chunk, shuffle=shuffle, packing=packing == "on",
                 reference_faithful=args.faithful,
                 remat={"off": False, "on": True, "auto": None}[args.remat],
                 loss_chunk_mib=args.loss_chunk_mib)
@@ -193,6 +195,7 @@ def main(argv=None):
                     continue
                 row = {"model": model, "params": cfg.num_params(),
                        "lora_params": lora_lib.lora_num_params(cfg, lora_cfg), "shuffle": shuffle,
+                       "packing": packing,
                        "init_s": round(init_s, 2), **common}
                 if not args.keep_cache:
                     inner.clear_compiled()

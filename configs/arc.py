@@ -96,6 +96,9 @@ def base_config():
         batch_size=2, epochs=1, learning_rate=1e-4, schedule="cosine", warmup_steps=0,
         max_grad_norm=1.0, weight_decay=0.0, append_eos=False, reference_faithful=False,
         steps_per_chunk=16, shuffle="independent",
+        # No packed rows: with rank-128 adapters on every projection, each token multiplying its
+        # row's 16 adapter slots would cost more than the padding it saves (few, long sequences).
+        packing=False,
         length_buckets=(64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
                         8192)))
     c.candidates_per_call = 16

@@ -114,6 +114,9 @@ def base_config():
     c.inner.append_eos = True
     c.inner.reference_faithful = False  # pad to 2048 and train on EOS pads, as the reference
     c.inner.steps_per_chunk = 16
+    # Pack the candidates' sequences of a step into shared rows (seal_jax/train_plan.py): on the paper
+    # E-step 22-29% padding instead of 39-84% (bench/results/round_h200.md, 2026-12-03).
+    c.inner.packing = True
     c.inner.length_buckets = inner.InnerConfig.length_buckets
     # K trained at once (sharded over the "candidate" mesh axis); 0: the fastest by a cost model among
     # the K the device's memory holds (inner.fit_candidates_per_call; 8 where the backend reports no

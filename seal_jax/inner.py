@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -55,8 +56,8 @@ from seal_jax import sharding as shard_lib
 from seal_jax import train_step as step_lib
 from seal_jax.model.config import LoraConfig, ModelConfig
 from seal_jax.train_plan import (HPARAM_KEYS, OVERLONG, SCHEDULES, SHUFFLES, CandidateData,  # noqa: F401
-                                 InnerConfig, StepBatch, TrainPlan, bucket, build_plan, group_candidates,
-                                 pin_seeds, schedule_multipliers)
+                                 InnerConfig, PackedStepBatch, StepBatch, TrainPlan, bucket, build_plan,
+                                 group_candidates, pin_seeds, schedule_multipliers)
 from seal_jax.train_step import StepConfig, TrainState  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,11 @@ def _prepare(base_params, plan: TrainPlan, *, cfg: ModelConfig, lora_cfg: Option
     shards = shard_lib.candidate_shards(mesh, rules)
     plan = plan.padded(_padded_count(k_real, shards, inner_cfg.candidate_buckets))
     k_count = plan.num_candidates
-    step_cfg = StepConfig.from_inner(cfg, lora_cfg, inner_cfg, candidates_per_device=k_count // shards)
+    # The loss's logits chunk is sized for the tokens of one step: K candidates' rows side by side,
+    # or packed rows holding all of them (no candidate axis).
+    packed = _packs(plan, lora_cfg, mesh)
+    step_cfg = StepConfig.from_inner(cfg, lora_cfg, inner_cfg,
+                                     candidates_per_device=1 if packed else k_count // shards)
 
     frozen = None if step_cfg.full_finetune else base_params
 
@@ -189,25 +194,67 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     and every result is cut back to the plan's K.
     """
     k_real = plan.num_candidates
+    given = plan
     plan, step_cfg, rules, frozen, state = _prepare(base_params, plan, cfg=cfg, lora_cfg=lora_cfg,
                                                     inner_cfg=inner_cfg, init_lora=init_lora,
                                                     mesh=mesh, rules=rules)
-    k_count = plan.num_candidates
+    packed = _packs(plan, lora_cfg, mesh)
 
     c = inner_cfg.steps_per_chunk
     auto = _remat_mode(cfg, lora_cfg, inner_cfg)
     limit = _remat_limit(_fit_key(cfg, lora_cfg, inner_cfg)) if auto == "auto" else None
     _PLAIN_NEEDS_OF_CALL.clear()
     losses, norms = [], []
-    for start, stop, length in plan.chunks(c):
-        xs = plan.gather(start, stop, length, c)
+    for start, stop, xs in _chunk_batches(plan, c, packed):
         fn, shape_key = _chunk_program(step_cfg, auto, mesh, rules, frozen, state, xs, limit=limit,
                                        plain_needs=_PLAIN_NEEDS_OF_CALL)
         step_lib.COMPILED_SHAPES.add(shape_key)
         state, chunk_losses, chunk_norms = fn(frozen, state, xs, np.int32(stop - start))
         losses.append(chunk_losses[: stop - start])
         norms.append(chunk_norms[: stop - start])
-    return _result(plan, state, losses, norms, k_real, base_params if step_cfg.full_finetune else None)
+    result = _result(plan, state, losses, norms, k_real, base_params if step_cfg.full_finetune else None)
+    if packed and (result.failed & ~plan.rejected_K[:k_real]).any():
+        # In shared rows a candidate gone non-finite can reach the others' gradients (0 x inf in the
+        # attention and adapter products). Failures are rare; the call is trained again with a row
+        # per candidate, where they cannot, so every result is what training it alone gives.
+        log.warning("inner loop: %d candidate(s) failed in packed rows; training the call of K=%d again "
+                    "with a row per candidate", int(result.failed.sum()), k_real)
+        return train_candidates(base_params, dataclasses.replace(given, pack=None), cfg=cfg,
+                                lora_cfg=lora_cfg, inner_cfg=inner_cfg, init_lora=init_lora, mesh=mesh,
+                                rules=rules)
+    return result
+
+
+def _packs(plan: TrainPlan, lora_cfg: Optional[LoraConfig], mesh) -> bool:
+    """Whether this call trains in packed rows: the plan packs (`TrainPlan.packs_rows`: allowed by
+    `InnerConfig.packs` and worth it), adapters without dropout (each token's own adapter, nothing
+    random per row), and one device (rows mix candidates, which a candidate-sharded mesh splits)."""
+    return (lora_cfg is not None and lora_cfg.dropout == 0 and (mesh is None or mesh.size == 1)
+            and plan.packs_rows)
+
+
+def _chunk_batches(plan: TrainPlan, steps_per_chunk: int, packed: bool):
+    """(start, stop, batch) per chunk of `plan`: packed rows or a row per candidate."""
+    if packed:
+        for start, stop, length, rows, segments in plan.packed_chunks(steps_per_chunk):
+            yield start, stop, plan.gather_packed(start, stop, length, rows, segments, steps_per_chunk)
+    else:
+        for start, stop, length in plan.chunks(steps_per_chunk):
+            yield start, stop, plan.gather(start, stop, length, steps_per_chunk)
+
+
+def _program_dims(xs) -> tuple:
+    """The shape of a chunk program's step batch: (K, B, T) per candidate, (R, T, "packed", K, M) for
+    packed rows."""
+    if isinstance(xs, PackedStepBatch):
+        return (*xs.tokens.shape[1:], "packed", xs.lr.shape[1], xs.row_adapters.shape[2])
+    return tuple(xs.tokens.shape[1:4])
+
+
+def _describe(xs) -> str:
+    if isinstance(xs, PackedStepBatch):
+        return f"K={xs.lr.shape[1]} in {xs.tokens.shape[1]} packed rows of {xs.tokens.shape[2]}"
+    return f"K={xs.tokens.shape[1]} length {xs.tokens.shape[3]}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,8 +380,7 @@ def _activation_bytes_floor(step_cfg: StepConfig, xs) -> int:
     """`_activation_bytes` of a chunk program without remat. Only used to skip compiling a plain
     program that cannot fit: the 1B preset's ARC program (16 candidates x 2 x 2,048 tokens) planned
     172 GiB and took minutes to compile before remat was chosen."""
-    k_count, batch, length = xs.tokens.shape[1:4]
-    return _activation_bytes(step_cfg.cfg, int(k_count) * int(batch) * int(length))
+    return _activation_bytes(step_cfg.cfg, int(np.prod(xs.tokens.shape[1:])))
 
 
 # What a real program plans relative to `_activation_bytes` (measured 1.3-1.7x on GPU plans).
@@ -405,15 +451,19 @@ def _step_and_token_seconds(cfg: ModelConfig) -> tuple[float, float]:
 
 def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerConfig) -> float:
     """The cost model's seconds for one call training `plan` (K padded as the call pads it)."""
-    k_count = _padded_count(plan.num_candidates, 1, inner_cfg.candidate_buckets)
-    computed = float(plan.step_length_S.astype(np.float64).sum()) * k_count * plan.batch_size
+    if plan.packs_rows:  # dummy candidates add no rows
+        computed = float(plan.token_counts()["computed_tokens"])
+    else:
+        k_count = _padded_count(plan.num_candidates, 1, inner_cfg.candidate_buckets)
+        computed = float(plan.step_length_S.astype(np.float64).sum()) * k_count * plan.batch_size
     step, token = _step_and_token_seconds(cfg)
     return CALL_OVERHEAD_S + step * plan.num_steps + token * computed
 
 
 def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
                                 inner_cfg: InnerConfig, *, maximum: int, pad_id: int,
-                                eos_id: Optional[int] = None) -> tuple[int, dict[int, float]]:
+                                eos_id: Optional[int] = None,
+                                fits: Optional[Callable[[list], bool]] = None) -> tuple[int, dict[int, float]]:
     """(K, {K: estimated seconds}) over the powers of two up to `maximum` that a lower bound does not
     rule out: the calls `group_candidates` cuts at each K, their plans (the real padding and step
     counts of this workload) and the cost model. Wider calls run fewer sequential steps but pad more (a call's steps are padded to its
@@ -437,11 +487,29 @@ def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cf
             continue
         plans = [build_plan([candidates[i] for i in g], [hparams[i] for i in g], inner_cfg, pad_id=pad_id,
                             eos_id=eos_id) for g in group_candidates(candidates, hparams, inner_cfg, k)]
+        if fits is not None and k > 1 and not fits(plans):
+            continue
         estimates[k] = sum(estimated_train_seconds(plan, cfg, inner_cfg) for plan in plans)
         total_steps = sum(int(plan.num_steps_K.sum()) for plan in plans)
         real_tokens = sum(plan.token_counts()["real_tokens"] for plan in plans)
     best = min(estimates, key=lambda kk: (estimates[kk], kk))
     return best, estimates
+
+
+def _packed_plans_fit(cfg: ModelConfig, lora_cfg: LoraConfig, plans: Sequence[TrainPlan], *,
+                      budget: float) -> bool:
+    """Whether the largest packed step of `plans` (plus K adapters' optimizer state) fits `budget`
+    bytes without remat. Wider packed calls cost little more padding, so K is capped here rather than
+    by remat: a rematerialised program computes the forward twice, and deciding it compiles the
+    program twice (on an H200 the 7B's packed programs at K=128, up to 32k tokens a step, took ~2
+    minutes each and needed remat, which cost a whole E-step's worth of compile)."""
+    k_count = max(plan.num_candidates for plan in plans)
+    tokens = max((int((plan.packed_layout().rows_S.astype(np.int64) * plan.packed_layout().row_length_S).max(initial=0))
+                  if plan.packs_rows else int(plan.step_length_S.max(initial=0)) * plan.num_candidates
+                  * plan.batch_size) for plan in plans)
+    need = (ACTIVATION_PLAN_FACTOR * _activation_bytes(cfg, tokens)
+            + TRAINABLE_STATE_BYTES * lora_lib.lora_num_params(cfg, lora_cfg) * k_count)
+    return need <= budget
 
 
 def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
@@ -451,13 +519,23 @@ def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: M
     """K for `candidates_per_call=0`: the fastest by the cost model among those the device's memory
     holds for these candidates (`candidates_per_call_in_memory`); `fallback` on a backend that reports no
     memory (CPU), where the accelerator's cost model does not apply."""
-    longest = max((len(s) for c in candidates for s in c.sequences), default=1)
-    k = candidates_per_call_in_memory(cfg, lora_cfg, inner_cfg, longest, maximum=maximum,
-                                      fallback=fallback, devices=devices)
-    if not candidates or _free_device_bytes() is None:
-        return k
+    free = _free_device_bytes()
+    packs = inner_cfg.packs and lora_cfg is not None and lora_cfg.dropout == 0 and devices == 1
+    if packs and free is not None and candidates:
+        # Packed rows: a step holds about K x the mean sequence, not K x the longest, so each K is
+        # checked on its own plans (their largest packed step) instead of the per-candidate bound.
+        fitted = [v for key, v in _FITTED_K.items() if key[0] == cfg]
+        k = min([maximum, *fitted])
+        fits = functools.partial(_packed_plans_fit, cfg, lora_cfg, budget=REMAT_MEMORY_SHARE * free)
+    else:
+        longest = max((len(s) for c in candidates for s in c.sequences), default=1)
+        k = candidates_per_call_in_memory(cfg, lora_cfg, inner_cfg, longest, maximum=maximum,
+                                          fallback=fallback, devices=devices)
+        fits = None
+        if not candidates or free is None:
+            return k
     k, estimates = fastest_candidates_per_call(candidates, hparams, cfg, inner_cfg, maximum=k,
-                                               pad_id=pad_id, eos_id=eos_id)
+                                               pad_id=pad_id, eos_id=eos_id, fits=fits)
     log.info("inner loop: candidates_per_call=0 chose K=%d (estimated training seconds by K: %s)", k,
              ", ".join(f"{kk}: {v:.0f}" for kk, v in estimates.items()))
     return k
@@ -467,11 +545,10 @@ def _shape_key(fn_key, mesh, frozen, xs) -> tuple:
     """The COMPILED_SHAPES / PRECOMPILED key of a chunk program. Without a mesh, jit specialises the
     program to where the frozen params already live (e.g. a caller's own sharding), so that
     placement is part of the key."""
-    k_count, bs, length = xs.tokens.shape[1:4]
     placement = None
-    if mesh is None and frozen is not None:
+    if (mesh is None or isinstance(xs, PackedStepBatch)) and frozen is not None:
         placement = tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(frozen))
-    return (fn_key, k_count, xs.lr.shape[0], bs, length, placement)
+    return (fn_key, xs.lr.shape[0], *_program_dims(xs), placement)
 
 
 def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compiled: bool = False):
@@ -504,24 +581,22 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
         return step_lib.PRECOMPILED.get(shape_key, fn), shape_key
     if remat_mode == "forced":
         return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
-    choice_key = (step_cfg, mesh, rules, *xs.tokens.shape[1:4], xs.lr.shape[0])
+    choice_key = (step_cfg, mesh, rules, *_program_dims(xs), xs.lr.shape[0])
     if choice_key not in step_lib.REMAT_CHOICE:
         free = _free_device_bytes()
         floor = _activation_bytes_floor(step_cfg, xs)
         if free is not None and floor > REMAT_MEMORY_SHARE * free:
             step_lib.REMAT_CHOICE[choice_key] = True  # no compile of a plain program that cannot fit
-            log.info("inner loop: K=%d length %d keeps at least %.1f GiB of activations without "
-                     "remat (%.1f GiB free): rematerialised", xs.tokens.shape[1], xs.tokens.shape[3],
-                     floor / 2**30, free / 2**30)
+            log.info("inner loop: %s keeps at least %.1f GiB of activations without remat (%.1f GiB "
+                     "free): rematerialised", _describe(xs), floor / 2**30, free / 2**30)
         else:
             need = _planned_bytes(_compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)[0])
             remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
             step_lib.REMAT_CHOICE[choice_key] = remat
             step_lib.REMAT_NEED[choice_key] = need
             if remat:
-                log.info("inner loop: K=%d length %d needs %.1f GiB without remat (%.1f GiB free): "
-                         "rematerialised", xs.tokens.shape[1], xs.tokens.shape[3], need / 2**30,
-                         free / 2**30)
+                log.info("inner loop: %s needs %.1f GiB without remat (%.1f GiB free): "
+                         "rematerialised", _describe(xs), need / 2**30, free / 2**30)
     remat = step_lib.REMAT_CHOICE[choice_key]
     need = step_lib.REMAT_NEED.get(choice_key)
     if not remat and need is not None:
@@ -529,9 +604,8 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
             # Fitted the free memory, but a program this big ran out of it beside others. The limit
             # only falls, so the choice is kept.
             remat = step_lib.REMAT_CHOICE[choice_key] = True
-            log.info("inner loop: K=%d length %d plans %.1f GiB without remat, at or above the %.1f GiB "
-                     "that ran out of memory: rematerialised", xs.tokens.shape[1], xs.tokens.shape[3],
-                     need / 2**30, limit / 2**30)
+            log.info("inner loop: %s plans %.1f GiB without remat, at or above the %.1f GiB that ran "
+                     "out of memory: rematerialised", _describe(xs), need / 2**30, limit / 2**30)
         elif plain_needs is not None:
             plain_needs.append(need)
     return _compile(step_cfg.with_remat(remat), mesh, rules, frozen, state, xs)
@@ -672,9 +746,8 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
                 base_params, piece, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=inner_cfg, init_lora=None,
                 mesh=mesh, rules=rules, abstract=True)
             c = inner_cfg.steps_per_chunk
-            for start, stop, length in padded.chunks(c):
-                xs = padded.gather(start, stop, length, c)
-                job_key = (step_cfg, padded.num_candidates, c, padded.batch_size, length)
+            for _, _, xs in _chunk_batches(padded, c, _packs(padded, lora_cfg, mesh)):
+                job_key = (step_cfg, c, *_program_dims(xs))
                 jobs.setdefault(job_key, (step_cfg, piece_rules, frozen, state, xs))
     mode = _remat_mode(cfg, lora_cfg, inner_cfg) or "precompile"
     limit = _remat_limit(_fit_key(cfg, lora_cfg, inner_cfg)) if mode == "auto" else None
@@ -689,8 +762,8 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
             else:
                 _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs, limit=limit)
         except Exception as e:  # noqa: BLE001 - the call itself compiles (and reports) it again
-            log.warning("inner loop: precompiling K=%d length %d failed (%s); left to the call",
-                        xs.tokens.shape[1], xs.tokens.shape[3], str(e).splitlines()[0][:200])
+            log.warning("inner loop: precompiling %s failed (%s); left to the call", _describe(xs),
+                        str(e).splitlines()[0][:200])
 
     if not jobs:
         return 0

@@ -47,7 +47,14 @@ DEFAULT_RESUME_SAFE: tuple[str, ...] = (
     "checkpoint.keep_last", "compile_cache",
     # How many candidates train per call: grouping pins each candidate's seed, so no result changes.
     "candidates_per_call",
+    # How a step's sequences are laid out (packed rows or a row per candidate): the same training,
+    # summed in another order.
+    "inner.packing",
 )
+
+# Training keys that lay a step out without changing what it computes (beyond float rounding): a
+# record trained either way stays valid, and runs from before the key existed keep their records.
+LAYOUT_KEYS: tuple[str, ...] = ("inner.packing",)
 
 # Config keys that determine a candidate's training and score (prefixes of dotted keys). Changing any
 # of them makes every earlier candidate record stale.
@@ -107,7 +114,7 @@ def config_fingerprint(config: Any, resume_safe: Sequence[str] = DEFAULT_RESUME_
 def training_config_hash(config: Any, keys: Sequence[str] = TRAINING_KEYS) -> str:
     """Hash of the config keys that determine a candidate's training and evaluation."""
     flat = flatten_config(config)
-    return _hash({k: v for k, v in flat.items() if _matches(k, keys)})[:16]
+    return _hash({k: v for k, v in flat.items() if _matches(k, keys) and not _matches(k, LAYOUT_KEYS)})[:16]
 
 
 def record_key(*, self_edit: str, phase: str, context_id: str, edit_index: int, rep: int, seed: int,

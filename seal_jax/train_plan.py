@@ -92,6 +92,17 @@ class InnerConfig:
     # Float32 logits held at once by the chunked cross-entropy, over all K candidates of a call
     # (seal_jax/loss.py). 0: the plain loss with full [K, B, T, V] logits.
     loss_chunk_mib: int = 1024
+    # Pack the sequences that the K candidates train on at one step into shared rows, attention kept
+    # per sequence and each token through its own candidate's adapter (`PackedLayout`): a step then
+    # computes about its real tokens instead of K rows padded to its longest sequence, and finished
+    # candidates cost nothing (on the paper E-step's self-edits: 22-29% padding against 39-84% at
+    # K=4-128). Rows are at least `pack_row_tokens` long (fewer distinct programs) and hold at most
+    # `pack_row_segments` sequences (the width of the per-row adapter gather). Used where it is exact:
+    # LoRA without dropout, one micro-batch, not `reference_faithful` (every sequence is 2,048
+    # tokens there) and one candidate shard; elsewhere the rows stay per candidate.
+    packing: bool = True
+    pack_row_tokens: int = 256
+    pack_row_segments: int = 16
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -119,6 +130,9 @@ class InnerConfig:
             raise ValueError(f"faithful_length must be >= 2, got {self.faithful_length}")
         if self.loss_chunk_mib < 0:
             raise ValueError(f"loss_chunk_mib must be >= 0, got {self.loss_chunk_mib}")
+        if self.pack_row_tokens < 2 or self.pack_row_segments < 1:
+            raise ValueError(f"pack_row_tokens must be >= 2 and pack_row_segments >= 1, got "
+                             f"{self.pack_row_tokens} and {self.pack_row_segments}")
         if self.reference_faithful and self.append_eos:
             object.__setattr__(self, "append_eos", False)  # documented: faithful implies no EOS
 
@@ -129,6 +143,11 @@ class InnerConfig:
     def max_length(self) -> int:
         """Longest sequence trained on; longer ones are truncated (or fail, `overlong`)."""
         return self.faithful_length if self.reference_faithful else int(self.length_buckets[-1])
+
+    @property
+    def packs(self) -> bool:
+        """Whether plans of this config pack rows (the adapter-side conditions are `seal_jax.inner`'s)."""
+        return self.packing and not self.reference_faithful and self.microbatches == 1
 
 
 def schedule_multipliers(schedule: str, total_steps: int, warmup_steps: int = 0) -> np.ndarray:
@@ -161,6 +180,68 @@ class StepBatch:
     step: Int[np.ndarray, "C K"]  # global step index (dropout rng, failure records)
 
 
+@struct.dataclass
+class PackedStepBatch:
+    """The inputs of packed optimizer steps (`InnerConfig.packing`), leaves [C, ...] for a chunk of C
+    steps: the sequences of all K candidates at a step share R rows of T tokens. Segment j of a row
+    (segment id j + 1; 0 = padding) is one sequence of candidate `row_adapters[r, j]`; its positions
+    restart at 0 and it attends only to itself."""
+
+    tokens: Int[np.ndarray, "C R T"]
+    segments: Int[np.ndarray, "C R T"]
+    loss_mask: Float[np.ndarray, "C R T"]  # target weight per token (0 at each sequence's first token)
+    row_adapters: Int[np.ndarray, "C R M"]  # candidate of each segment slot (0 where unused)
+    lr: Float[np.ndarray, "C K"]
+    active: Bool[np.ndarray, "C K"]
+    step: Int[np.ndarray, "C K"]
+
+
+def _row_buckets(limit: int = 1 << 14) -> tuple:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ...: rows of a packed step are rounded up to one of these (each
+    distinct count is another compiled program, and on an H200 a 7B program compiles for ~2 minutes)."""
+    out, size = [1, 2, 3], 4
+    while size < limit:
+        out.extend((size, size * 3 // 2))
+        size *= 2
+    return tuple(out)
+
+
+ROW_BUCKETS = _row_buckets()
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Where each batch slot's sequence sits when every step's sequences are packed into rows
+    (first-fit decreasing): rows_S rows of row_length_S tokens with segments_S slots each at step s;
+    for batch slot (k, s, b), its row (-1 = empty slot), the column its first token starts at, and its
+    segment slot in the row."""
+
+    row_length_S: np.ndarray
+    rows_S: np.ndarray
+    segments_S: np.ndarray  # segment slots per row: 1 where every row holds one sequence, else all
+    row_KxSxB: np.ndarray
+    offset_KxSxB: np.ndarray
+    slot_KxSxB: np.ndarray
+
+
+def pack_sequences(lengths: Sequence[int], capacity: int, max_segments: int) -> tuple[list, int]:
+    """First-fit decreasing: ([(row, offset, slot)] per length, rows used) for rows of `capacity`
+    tokens holding at most `max_segments` sequences each. Every length must be <= capacity."""
+    free, used = [], []
+    placed = [None] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda j: -int(lengths[j])):
+        n = int(lengths[i])
+        row = next((r for r in range(len(free)) if free[r] >= n and used[r] < max_segments), None)
+        if row is None:
+            row = len(free)
+            free.append(capacity)
+            used.append(0)
+        placed[i] = (row, capacity - free[row], used[row])
+        free[row] -= n
+        used[row] += 1
+    return placed, len(free)
+
+
 @dataclasses.dataclass
 class TrainPlan:
     """Everything the device needs, as numpy arrays with a leading candidate axis K."""
@@ -179,6 +260,9 @@ class TrainPlan:
     truncated_K: np.ndarray = None  # int32 sequences cut to the maximum length
     rejected_K: np.ndarray = None  # bool: failed before training (overlong='fail')
     max_length: int = 0
+    # (pack_row_tokens, pack_row_segments, length_buckets) when steps may be packed
+    # (`InnerConfig.packs`), else None
+    pack: Optional[tuple] = None
 
     def __post_init__(self):
         k = self.tokens_KxNxT.shape[0]
@@ -244,14 +328,85 @@ class TrainPlan:
                          lengths=swap(lengths.astype(np.int32)), lr=swap(lr), active=swap(active),
                          step=np.broadcast_to(step[:, None], (pad_to, k_count)).copy())
 
-    def token_counts(self) -> dict:
-        """Real (unpadded) tokens trained on vs tokens computed, for throughput accounting."""
+    def packed_layout(self) -> PackedLayout:
+        """The packed rows of every step (`pack` must be set); computed once per plan."""
+        layout = self.__dict__.get("_packed_layout")
+        if layout is None:
+            if self.pack is None:
+                raise ValueError("this plan does not pack rows (InnerConfig.packing off or not applicable)")
+            layout = self.__dict__["_packed_layout"] = _packed_layout(self, *self.pack)
+        return layout
+
+    def packed_chunks(self, steps_per_chunk: int) -> list[tuple[int, int, int, int, int]]:
+        """(start, stop, T, R, M) per chunk of packed steps: runs of consecutive steps with the same
+        rows (R rows of T tokens, M segment slots each), at most `steps_per_chunk` steps each."""
+        layout = self.packed_layout()
+        shape = list(zip(layout.row_length_S.tolist(), layout.rows_S.tolist(), layout.segments_S.tolist()))
+        out, s = [], 0
+        while s < self.num_steps:
+            stop = s + 1
+            while stop < self.num_steps and stop - s < steps_per_chunk and shape[stop] == shape[s]:
+                stop += 1
+            out.append((s, stop, *shape[s]))
+            s = stop
+        return out
+
+    def gather_packed(self, start: int, stop: int, length: int, rows: int, segments: int,
+                      pad_to: int) -> PackedStepBatch:
+        """Packed batches of steps [start, stop) (all R = `rows` rows of T = `length` tokens with
+        `segments` slots), padded to `pad_to` steps."""
+        layout = self.packed_layout()
+        k_count = self.num_candidates
+        tokens = np.full((pad_to, rows, length), self.pad_id, np.int32)
+        seg = np.zeros((pad_to, rows, length), np.int32)
+        mask = np.zeros((pad_to, rows, length), np.float32)
+        adapters = np.zeros((pad_to, rows, segments), np.int32)
+        for c, s in enumerate(range(start, stop)):
+            for k, b in zip(*np.nonzero(layout.row_KxSxB[:, s] >= 0)):
+                n = self.batch_index_KxSxB[k, s, b]
+                size = self.lengths_KxN[k, n]
+                row, off, slot = (layout.row_KxSxB[k, s, b], layout.offset_KxSxB[k, s, b],
+                                  layout.slot_KxSxB[k, s, b])
+                tokens[c, row, off: off + size] = self.tokens_KxNxT[k, n, :size]
+                seg[c, row, off: off + size] = slot + 1
+                mask[c, row, off + 1: off + size] = self.loss_mask_KxNxT[k, n, 1:size]
+                adapters[c, row, slot] = k
+        lr = np.zeros((pad_to, k_count), np.float32)
+        lr[: stop - start] = self.lr_KxS[:, start:stop].T
+        active = np.zeros((pad_to, k_count), bool)
+        active[: stop - start] = self.active_KxS[:, start:stop].T
+        step = np.broadcast_to(np.arange(start, start + pad_to, dtype=np.int32)[:, None],
+                               (pad_to, k_count)).copy()
+        return PackedStepBatch(tokens=tokens, segments=seg, loss_mask=mask, row_adapters=adapters,
+                               lr=lr, active=active, step=step)
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether this plan trains in packed rows: it may (`pack`), and packing computes at most
+        PACKING_MIN_GAIN of the tokens a row per candidate does (sequences of one length gain
+        nothing from sharing rows, and a packed step has some fixed cost of its own)."""
+        if self.pack is None:
+            return False
+        cached = self.__dict__.get("_packs_rows")
+        if cached is None:
+            rows = self.token_counts(packed=False)["computed_tokens"]
+            packed = self.token_counts(packed=True)["computed_tokens"]
+            cached = self.__dict__["_packs_rows"] = packed <= PACKING_MIN_GAIN * rows
+        return cached
+
+    def token_counts(self, packed: Optional[bool] = None) -> dict:
+        """Real (unpadded) tokens trained on vs tokens computed, for throughput accounting; computed
+        as the plan trains (`packed=None`: `packs_rows`) or as asked."""
         real = 0
         for k in range(self.num_candidates):
             idx = self.batch_index_KxSxB[k][self.active_KxS[k]]
             idx = idx[idx >= 0]
             real += int(self.lengths_KxN[k][idx].sum())
-        computed = int(self.step_length_S.sum()) * self.num_candidates * self.batch_size
+        if self.packs_rows if packed is None else packed:
+            layout = self.packed_layout()
+            computed = int((layout.rows_S.astype(np.int64) * layout.row_length_S).sum())
+        else:
+            computed = int(self.step_length_S.sum()) * self.num_candidates * self.batch_size
         return {"real_tokens": real, "computed_tokens": computed,
                 "padding_fraction": 1.0 - real / max(1, computed)}
 
@@ -307,6 +462,55 @@ def _step_lengths(batch_index_KxSxB: np.ndarray, lengths_KxN: np.ndarray,
     rows = np.arange(k_count)[:, None, None]
     used = np.where(batch_index_KxSxB >= 0, lengths_KxN[rows, np.maximum(batch_index_KxSxB, 0)], 0)
     return np.array([bucket(max(int(x), 2), length_buckets) for x in used.max(axis=(0, 2))], np.int32)
+
+
+# Packed rows are used where they compute at most this share of a row per candidate's tokens.
+PACKING_MIN_GAIN = 0.9
+
+
+def _pack_step(sizes: np.ndarray, row_tokens: int, row_segments: int, length_buckets: Sequence[int]):
+    """(row length, rows, placements) of one step's sequences: rows of `row_tokens` (or of the longest
+    sequence's bucket if longer), or a single row as short as the step's tokens allow when they fit
+    one; rows rounded up to ROW_BUCKETS. Few distinct shapes, since each is a compiled program."""
+    longest = bucket(int(sizes.max()), length_buckets)
+    length = max(longest, min(int(row_tokens), bucket(int(sizes.sum()), length_buckets)))
+    placed, used = pack_sequences(sizes.tolist(), length, row_segments)
+    return length, _rows(used), placed
+
+
+def _rows(used: int) -> int:
+    return bucket(used, ROW_BUCKETS) if used <= ROW_BUCKETS[-1] else used
+
+
+def _packed_layout(plan: TrainPlan, row_tokens: int, row_segments: int,
+                   length_buckets: Sequence[int]) -> PackedLayout:
+    k_count, s_count, b = plan.batch_index_KxSxB.shape
+    row = np.full((k_count, s_count, b), -1, np.int32)
+    offset = np.zeros((k_count, s_count, b), np.int32)
+    slot = np.zeros((k_count, s_count, b), np.int32)
+    row_length = np.zeros(s_count, np.int32)
+    rows = np.zeros(s_count, np.int32)
+    segments = np.ones(s_count, np.int32)
+    for s in range(s_count):
+        idx = plan.batch_index_KxSxB[:, s]  # [K, B]
+        live = (idx >= 0) & plan.active_KxS[:, s][:, None]
+        ks, bs = np.nonzero(live)
+        sizes = plan.lengths_KxN[ks, idx[ks, bs]] if len(ks) else np.zeros(0, np.int32)
+        keep = sizes > 0
+        ks, bs, sizes = ks[keep], bs[keep], sizes[keep]
+        if not len(sizes):  # no candidate trains on anything at this step: one empty row
+            row_length[s], rows[s] = bucket(2, length_buckets), 1
+            continue
+        length, rows[s], placed = _pack_step(sizes, row_tokens, row_segments, length_buckets)
+        for (r, off, sl), k, bb in zip(placed, ks, bs):
+            row[k, s, bb], offset[k, s, bb], slot[k, s, bb] = r, off, sl
+        row_length[s] = length
+        # Each token multiplies all slots' adapters of its row: one slot where every row holds one
+        # sequence (sequences of one length, in rows of their own bucket), else all (two shapes,
+        # not one program per count).
+        segments[s] = 1 if max(sl for _, _, sl in placed) == 0 else row_segments
+    return PackedLayout(row_length_S=row_length, rows_S=rows, segments_S=segments, row_KxSxB=row,
+                        offset_KxSxB=offset, slot_KxSxB=slot)
 
 
 def candidate_hparams(overrides: Optional[Mapping[str, Any]], inner_cfg: InnerConfig, k: int) -> dict:
@@ -450,7 +654,10 @@ def build_plan(candidates: Sequence[CandidateData],
                      num_steps_K=num_steps, seeds_K=np.array([int(h["seed"]) for h in hps], np.int64),
                      step_length_S=step_length, reference_faithful=inner_cfg.reference_faithful,
                      pad_id=int(pad_id), truncated_K=truncated, rejected_K=rejected,
-                     max_length=inner_cfg.max_length)
+                     max_length=inner_cfg.max_length,
+                     pack=((int(inner_cfg.pack_row_tokens), int(inner_cfg.pack_row_segments),
+                            tuple(int(b) for b in inner_cfg.length_buckets))
+                           if inner_cfg.packs else None))
 
 
 def group_candidates(candidates: Sequence[CandidateData],

@@ -35,7 +35,7 @@ from seal_jax import sharding as shard_lib
 from seal_jax.loss import next_token_nll
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
-from seal_jax.train_plan import InnerConfig, StepBatch
+from seal_jax.train_plan import InnerConfig, PackedStepBatch, StepBatch
 
 # Failure codes recorded on the device; messages are built on the host.
 OK, BAD_LOSS, BAD_GRAD, BAD_PARAMS = 0, 1, 2, 3
@@ -165,12 +165,18 @@ def train_step(step_cfg: StepConfig, frozen, state: TrainState, x: StepBatch):
     denom = jnp.maximum(count, 1.0)
     loss = loss_sum / denom
     grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
+    return _commit(state, x.lr, x.active, x.step, loss, grads)
+
+
+def _commit(state: TrainState, lr, active, step, loss, grads):
+    """The optax update of ONE candidate from its loss and (normalised) gradients, committed where
+    the candidate is active and everything is finite; records a failure otherwise."""
     grad_norm = optax.tree.norm(grads)  # pre-clip, reported
-    opt_state = optim.with_learning_rate(state.opt_state, x.lr)
+    opt_state = optim.with_learning_rate(state.opt_state, lr)
     updates, new_opt_state = OPTIMIZER.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 
-    was_running = x.active & ~state.failed
+    was_running = active & ~state.failed
     loss_ok, grad_ok, params_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm), _all_finite(new_params)
     ok = loss_ok & grad_ok & params_ok
     commit = was_running & ok
@@ -184,9 +190,55 @@ def train_step(step_cfg: StepConfig, frozen, state: TrainState, x: StepBatch):
         params=select(new_params, state.params), opt_state=select(new_opt_state, state.opt_state),
         rng=state.rng, failed=state.failed | newly_failed,
         fail_code=jnp.where(newly_failed, code, state.fail_code),
-        fail_step=jnp.where(newly_failed, x.step, state.fail_step))
+        fail_step=jnp.where(newly_failed, step, state.fail_step))
     nan = jnp.float32(jnp.nan)
     return new_state, (jnp.where(was_running, loss, nan), jnp.where(was_running, grad_norm, nan))
+
+
+def _packed_objective(step_cfg: StepConfig, frozen, lora_K, x: PackedStepBatch):
+    """(sum over candidates of each one's mean target NLL, (NLL sums [K], target counts [K])) of one
+    packed step. Candidates share no parameter and no attention, so the gradient of the sum with
+    respect to candidate k's adapter is the gradient of candidate k's own loss."""
+    k_count = x.lr.shape[0]
+    lora_L = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), lora_K)  # [K, L, ...] -> [L, K, ...]
+    nll_RxT1 = next_token_nll(frozen, x.tokens, cfg=step_cfg.cfg, lora=lora_L, lora_cfg=step_cfg.lora_cfg,
+                              segment_ids_BxT=x.segments, chunk_tokens=step_cfg.loss_chunk_tokens,
+                              lora_rows_BxM=x.row_adapters)
+    weight_RxT1 = x.loss_mask[:, 1:]
+    # The target token's segment names the candidate; padding (segment 0) goes to a dropped bin K.
+    seg_RxT1 = x.segments[:, 1:]
+    owner_RxT1 = jnp.where(seg_RxT1 > 0, jnp.take_along_axis(x.row_adapters, jnp.maximum(seg_RxT1 - 1, 0),
+                                                             axis=1), k_count)
+    # where, not a product: a 0-weight position of a non-finite neighbour must not turn into NaN.
+    weighted = jnp.where(weight_RxT1 > 0, weight_RxT1 * nll_RxT1, 0.0).reshape(-1)
+    loss_sum_K = jax.ops.segment_sum(weighted, owner_RxT1.reshape(-1), k_count + 1)[:k_count]
+    count_K = jax.ops.segment_sum((weight_RxT1 > 0).astype(jnp.float32).reshape(-1),
+                                  owner_RxT1.reshape(-1), k_count + 1)[:k_count]
+    return jnp.sum(loss_sum_K / jnp.maximum(count_K, 1.0)), (loss_sum_K, count_K)
+
+
+def packed_train_step(step_cfg: StepConfig, frozen, state: TrainState, x: PackedStepBatch):
+    """One optimizer step of ALL K candidates whose sequences share packed rows: one forward and
+    backward pass over the rows, then each candidate's own update (`_commit`, vmapped over K)."""
+    grad_fn = jax.value_and_grad(functools.partial(_packed_objective, step_cfg, frozen), has_aux=True)
+    (_, (loss_sum_K, count_K)), grads_K = grad_fn(state.params, x)
+    loss_K = loss_sum_K / jnp.maximum(count_K, 1.0)
+    grads_K = jax.tree.map(lambda g: g.astype(jnp.float32), grads_K)
+    return jax.vmap(_commit)(state, x.lr, x.active, x.step, loss_K, grads_K)
+
+
+def run_packed_chunk(step_cfg: StepConfig, frozen, state: TrainState, xs: PackedStepBatch, num_valid):
+    """Packed steps 0..num_valid-1 of a chunk. xs leaves are [C, ...]."""
+    chunk, k_count = xs.lr.shape
+    nan_CxK = jnp.full((chunk, k_count), jnp.nan, jnp.float32)
+
+    def body(i, carry):
+        state, losses, norms = carry
+        x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs)
+        state, (loss, norm) = packed_train_step(step_cfg, frozen, state, x)
+        return state, losses.at[i].set(loss), norms.at[i].set(norm)
+
+    return jax.lax.fori_loop(0, num_valid, body, (state, nan_CxK, nan_CxK))
 
 
 def run_chunk(step_cfg: StepConfig, frozen, state: TrainState, xs: StepBatch, num_valid):
@@ -241,14 +293,17 @@ def _state_shardings(step_cfg: StepConfig, state: TrainState, mesh, rules) -> Tr
 def chunk_fn(step_cfg: StepConfig, mesh, rules, frozen, state: TrainState, xs: StepBatch):
     """(jitted run_chunk, its cache key) for these settings, placed on `mesh` if given."""
     # Shardings are derived from the first call's shapes, so K is part of the key with a mesh.
-    key = (step_cfg, mesh, rules, None if mesh is None else xs.lr.shape[1])
+    packed = isinstance(xs, PackedStepBatch)
+    key = (step_cfg, mesh, rules, None if mesh is None else xs.lr.shape[1], packed)
     fn = _CHUNK_FNS.get(key)
     if fn is None:
         # Donating the state lets XLA update K adapters + Adam moments in place on accelerators;
         # the CPU backend does not implement donation and would only warn.
         donate = (1,) if jax.default_backend() != "cpu" else ()
-        run = functools.partial(run_chunk, step_cfg)
-        if mesh is None:
+        run = functools.partial(run_packed_chunk if packed else run_chunk, step_cfg)
+        # Packed rows mix candidates, so they run where the candidates are not split: no mesh, or
+        # one device (seal_jax.inner packs only there), with the inputs where they already are.
+        if mesh is None or packed:
             fn = jax.jit(run, donate_argnums=donate)
         else:
             frozen_sh = (None if frozen is None else shard_lib.logical_to_sharding(

@@ -213,7 +213,8 @@ def inner_rules(prefix: str = "inner") -> dict[str, Check]:
     return {**optimizer_rules(prefix), f"{prefix}.schedule": string(choices=SCHEDULES),
             f"{prefix}.shuffle": string(choices=SHUFFLES), f"{prefix}.shuffle_seed": integer(ge=0),
             f"{prefix}.append_eos": boolean(), f"{prefix}.reference_faithful": boolean(),
-            f"{prefix}.faithful_length": integer(ge=2), f"{prefix}.candidate_buckets": anything()}
+            f"{prefix}.faithful_length": integer(ge=2), f"{prefix}.candidate_buckets": anything(),
+            f"{prefix}.packing": boolean()}
 
 
 def mesh_rules(prefix: str = "mesh") -> dict[str, Check]:

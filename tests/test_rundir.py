@@ -135,6 +135,25 @@ def test_training_config_hash_ignores_keys_that_do_not_change_a_candidate():
     assert rundir.training_config_hash(_config(**{"lora.targets": ("q", "k")})) != h
 
 
+def test_packed_rows_or_not_keep_records_and_resume(tmp_path):
+    # A run from before `inner.packing` existed (no key), and one that turns it off, train the same
+    # candidates: their records stay valid and the run resumes.
+    def config(**inner):
+        c = _config()
+        c.inner = ml_collections.ConfigDict({"epochs": 10, **inner})
+        return c
+
+    h = rundir.training_config_hash(config())
+    assert rundir.training_config_hash(config(packing=True)) == rundir.training_config_hash(
+        config(packing=False)) == h
+    assert rundir.training_config_hash(config(epochs=5)) != h  # a real change still counts
+    run = rundir.create(tmp_path, "demo", config(packing=True), kind="k")
+    resumed = config(packing=False)
+    resumed.resume = str(run.path)
+    opened = rundir.open_for_resume(run.path, resumed, kind="k")
+    assert opened.changed_safe["inner.packing"] == (True, False)
+
+
 def test_discard_unproductive_runs_and_resume_command(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "_fresh_runs", [])  # only this test's runs (the list is process-wide)
     empty = rundir.create(tmp_path, "a", _config(), kind="k")
