@@ -231,11 +231,13 @@ def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
         specs.append(CandidateSpec([ids], [np.ones(len(ids), np.float32)]))
     batched = engine.train(specs, [1, 2, 3])  # K=3, padded to 4 inside inner and cut back
     assert batched.losses.shape[0] == 3 and len(batched.failure_reason) == 3
+    # Batched, the three sequences share a packed row; alone, each has its own: the same sums in another
+    # order, and Adam's first step (g / (|g| + eps)) magnifies that where a gradient is near eps.
     for k, (spec, seed) in enumerate(zip(specs, [1, 2, 3])):
         alone = engine.train([spec], [seed])
         assert_close_scaled(batched.losses[k], alone.losses[0], eps_multiple=64, what=f"losses {k}")
         for a, b in zip(jax.tree.leaves(batched.lora), jax.tree.leaves(alone.lora)):
-            assert_close_scaled(np.asarray(a[k]), np.asarray(b[0]), eps_multiple=64, what=f"lora {k}")
+            assert_close_scaled(np.asarray(a[k]), np.asarray(b[0]), eps_multiple=1024, what=f"lora {k}")
 
 
 @pytest.mark.slow
