@@ -229,8 +229,13 @@ def _packs(plan: TrainPlan, lora_cfg: Optional[LoraConfig], mesh) -> bool:
     """Whether this call trains in packed rows: the plan packs (`TrainPlan.packs_rows`: allowed by
     `InnerConfig.packs` and worth it), adapters without dropout (each token's own adapter, nothing
     random per row), and one device (rows mix candidates, which a candidate-sharded mesh splits)."""
-    return (lora_cfg is not None and lora_cfg.dropout == 0 and (mesh is None or mesh.size == 1)
-            and plan.packs_rows)
+    return _adapters_can_pack(lora_cfg, 1 if mesh is None else mesh.size) and plan.packs_rows
+
+
+def _adapters_can_pack(lora_cfg: Optional[LoraConfig], devices: int) -> bool:
+    """The call-side conditions of packed rows: adapters (not a full fine-tune) without dropout, on
+    one device."""
+    return lora_cfg is not None and lora_cfg.dropout == 0 and devices == 1
 
 
 def _chunk_batches(plan: TrainPlan, steps_per_chunk: int, packed: bool):
@@ -504,9 +509,7 @@ def _packed_plans_fit(cfg: ModelConfig, lora_cfg: LoraConfig, plans: Sequence[Tr
     program twice (on an H200 the 7B's packed programs at K=128, up to 32k tokens a step, took ~2
     minutes each and needed remat, which cost a whole E-step's worth of compile)."""
     k_count = max(plan.num_candidates for plan in plans)
-    tokens = max((int((plan.packed_layout().rows_S.astype(np.int64) * plan.packed_layout().row_length_S).max(initial=0))
-                  if plan.packs_rows else int(plan.step_length_S.max(initial=0)) * plan.num_candidates
-                  * plan.batch_size) for plan in plans)
+    tokens = max(int(plan.computed_tokens_S().max(initial=0)) for plan in plans)
     need = (ACTIVATION_PLAN_FACTOR * _activation_bytes(cfg, tokens)
             + TRAINABLE_STATE_BYTES * lora_lib.lora_num_params(cfg, lora_cfg) * k_count)
     return need <= budget
@@ -520,7 +523,7 @@ def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: M
     holds for these candidates (`candidates_per_call_in_memory`); `fallback` on a backend that reports no
     memory (CPU), where the accelerator's cost model does not apply."""
     free = _free_device_bytes()
-    packs = inner_cfg.packs and lora_cfg is not None and lora_cfg.dropout == 0 and devices == 1
+    packs = inner_cfg.packs and _adapters_can_pack(lora_cfg, devices)
     if packs and free is not None and candidates:
         # Packed rows: a step holds about K x the mean sequence, not K x the longest, so each K is
         # checked on its own plans (their largest packed step) instead of the per-candidate bound.

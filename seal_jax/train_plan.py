@@ -394,6 +394,14 @@ class TrainPlan:
             cached = self.__dict__["_packs_rows"] = packed <= PACKING_MIN_GAIN * rows
         return cached
 
+    def computed_tokens_S(self, packed: Optional[bool] = None) -> np.ndarray:
+        """Tokens each step computes (int64): its packed rows, or K rows of its length bucket; as the
+        plan trains (`packed=None`: `packs_rows`) or as asked."""
+        if self.packs_rows if packed is None else packed:
+            layout = self.packed_layout()
+            return layout.rows_S.astype(np.int64) * layout.row_length_S
+        return self.step_length_S.astype(np.int64) * self.num_candidates * self.batch_size
+
     def token_counts(self, packed: Optional[bool] = None) -> dict:
         """Real (unpadded) tokens trained on vs tokens computed, for throughput accounting; computed
         as the plan trains (`packed=None`: `packs_rows`) or as asked."""
@@ -402,11 +410,7 @@ class TrainPlan:
             idx = self.batch_index_KxSxB[k][self.active_KxS[k]]
             idx = idx[idx >= 0]
             real += int(self.lengths_KxN[k][idx].sum())
-        if self.packs_rows if packed is None else packed:
-            layout = self.packed_layout()
-            computed = int((layout.rows_S.astype(np.int64) * layout.row_length_S).sum())
-        else:
-            computed = int(self.step_length_S.sum()) * self.num_candidates * self.batch_size
+        computed = int(self.computed_tokens_S(packed).sum())
         return {"real_tokens": real, "computed_tokens": computed,
                 "padding_fraction": 1.0 - real / max(1, computed)}
 
