@@ -22,3 +22,21 @@ def embedded_model():
     from seal_jax.model.embedded import load_embedded
 
     return load_embedded()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Free every compiled program after each test module. XLA:CPU maps each executable's code into
+    memory (~9 mappings apiece) and jit keeps executables for the life of the process, so one
+    process running the whole suite reached the kernel's 65,530-mapping limit, and the next
+    compile segfaulted inside LLVM. Programs are not shared across modules in a way tests rely on."""
+    yield
+    import gc
+
+    import jax
+
+    from seal_jax import inner
+
+    inner.clear_compiled()
+    jax.clear_caches()
+    gc.collect()
