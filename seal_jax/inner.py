@@ -454,10 +454,15 @@ def _step_and_token_seconds(cfg: ModelConfig) -> tuple[float, float]:
     return step, 4.0 * cfg.num_params() / (TOKEN_FLOPS_PER_S * width)
 
 
-def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerConfig) -> float:
-    """The cost model's seconds for one call training `plan` (K padded as the call pads it)."""
+def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerConfig, *,
+                            plain_tokens: Optional[int] = None) -> float:
+    """The cost model's seconds for one call training `plan` (K padded as the call pads it). Packed
+    steps above `plain_tokens` tokens are rematerialised and cost REMAT_TOKEN_COST a token."""
     if plan.packs_rows:  # dummy candidates add no rows
-        computed = float(plan.token_counts()["computed_tokens"])
+        tokens_S = plan.computed_tokens_S().astype(np.float64)
+        computed = float(tokens_S.sum())
+        if plain_tokens is not None:
+            computed += (REMAT_TOKEN_COST - 1.0) * float(tokens_S[tokens_S > plain_tokens].sum())
     else:
         k_count = _padded_count(plan.num_candidates, 1, inner_cfg.candidate_buckets)
         computed = float(plan.step_length_S.astype(np.float64).sum()) * k_count * plan.batch_size
@@ -468,7 +473,9 @@ def estimated_train_seconds(plan: TrainPlan, cfg: ModelConfig, inner_cfg: InnerC
 def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
                                 inner_cfg: InnerConfig, *, maximum: int, pad_id: int,
                                 eos_id: Optional[int] = None,
-                                fits: Optional[Callable[[list], bool]] = None) -> tuple[int, dict[int, float]]:
+                                fits: Optional[Callable[[list], bool]] = None,
+                                plain_tokens: Optional[Callable[[int], int]] = None,
+                                ) -> tuple[int, dict[int, float]]:
     """(K, {K: estimated seconds}) over the powers of two up to `maximum` that a lower bound does not
     rule out: the calls `group_candidates` cuts at each K, their plans (the real padding and step
     counts of this workload) and the cost model. Wider calls run fewer sequential steps but pad more (a call's steps are padded to its
@@ -494,25 +501,57 @@ def fastest_candidates_per_call(candidates: Sequence[CandidateData], hparams, cf
                             eos_id=eos_id) for g in group_candidates(candidates, hparams, inner_cfg, k)]
         if fits is not None and k > 1 and not fits(plans):
             continue
-        estimates[k] = sum(estimated_train_seconds(plan, cfg, inner_cfg) for plan in plans)
+        limit = plain_tokens(k) if plain_tokens is not None else None
+        estimates[k] = sum(estimated_train_seconds(plan, cfg, inner_cfg, plain_tokens=limit)
+                           for plan in plans)
         total_steps = sum(int(plan.num_steps_K.sum()) for plan in plans)
         real_tokens = sum(plan.token_counts()["real_tokens"] for plan in plans)
     best = min(estimates, key=lambda kk: (estimates[kk], kk))
     return best, estimates
 
 
+# Packed calls may rematerialise their largest steps, up to this share of the call's computed tokens:
+# on the paper workload the 7B at K=16 keeps 71 of 4,520 steps (8.7% of the tokens, 3 programs) above
+# what fits without remat, at K=32 225 steps (38%, 7 programs up to 12k tokens). Remat computes the
+# forward twice and deciding it can compile a program twice, so a K that needs it widely is refused
+# rather than charged: on an H200 the 7B's packed programs at K=128 (up to 32k tokens a step) took ~2
+# minutes each to compile and nearly all needed remat, a whole E-step's worth of compile.
+PACKED_REMAT_TOKEN_SHARE = 0.1
+# A rematerialised step's cost per token relative to a plain one: the frozen base's forward (2N FLOPs a
+# token) runs twice beside the backward through the activations (2N).
+REMAT_TOKEN_COST = 1.5
+
+
+def _packed_step_bytes(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], tokens: int, k_count: int, *,
+                       remat: bool) -> float:
+    """Estimated device memory of a packed step over `tokens` tokens (all candidates) plus K
+    adapters' optimizer state."""
+    trainable = lora_lib.lora_num_params(cfg, lora_cfg) if lora_cfg is not None else cfg.num_params()
+    return (ACTIVATION_PLAN_FACTOR * _activation_bytes(cfg, tokens, remat=remat)
+            + TRAINABLE_STATE_BYTES * trainable * k_count)
+
+
+def packed_plain_tokens(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], k_count: int,
+                        budget: float) -> int:
+    """The most tokens a packed step of K candidates may compute and still fit `budget` bytes
+    without remat (`_packed_step_bytes`)."""
+    per_token = _packed_step_bytes(cfg, lora_cfg, 1, 0, remat=False)
+    return max(0, int((budget - _packed_step_bytes(cfg, lora_cfg, 0, k_count, remat=False)) // per_token))
+
+
 def _packed_plans_fit(cfg: ModelConfig, lora_cfg: LoraConfig, plans: Sequence[TrainPlan], *,
                       budget: float) -> bool:
-    """Whether the largest packed step of `plans` (plus K adapters' optimizer state) fits `budget`
-    bytes without remat. Wider packed calls cost little more padding, so K is capped here rather than
-    by remat: a rematerialised program computes the forward twice, and deciding it compiles the
-    program twice (on an H200 the 7B's packed programs at K=128, up to 32k tokens a step, took ~2
-    minutes each and needed remat, which cost a whole E-step's worth of compile)."""
+    """Whether packed calls of `plans` fit `budget` bytes: their largest step with remat, and the
+    steps that need it (above `packed_plain_tokens`) at most PACKED_REMAT_TOKEN_SHARE of the tokens
+    computed."""
     k_count = max(plan.num_candidates for plan in plans)
-    tokens = max(int(plan.computed_tokens_S().max(initial=0)) for plan in plans)
-    need = (ACTIVATION_PLAN_FACTOR * _activation_bytes(cfg, tokens)
-            + TRAINABLE_STATE_BYTES * lora_lib.lora_num_params(cfg, lora_cfg) * k_count)
-    return need <= budget
+    tokens_S = np.concatenate([plan.computed_tokens_S() for plan in plans])
+    if not tokens_S.size:
+        return True
+    if _packed_step_bytes(cfg, lora_cfg, int(tokens_S.max()), k_count, remat=True) > budget:
+        return False
+    over = tokens_S[tokens_S > packed_plain_tokens(cfg, lora_cfg, k_count, budget)]
+    return over.sum() <= PACKED_REMAT_TOKEN_SHARE * tokens_S.sum()
 
 
 def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: ModelConfig,
@@ -529,16 +568,19 @@ def fit_candidates_per_call(candidates: Sequence[CandidateData], hparams, cfg: M
         # checked on its own plans (their largest packed step) instead of the per-candidate bound.
         fitted = [v for key, v in _FITTED_K.items() if key[0] == cfg]
         k = min([maximum, *fitted])
-        fits = functools.partial(_packed_plans_fit, cfg, lora_cfg, budget=REMAT_MEMORY_SHARE * free)
+        budget = REMAT_MEMORY_SHARE * free
+        fits = functools.partial(_packed_plans_fit, cfg, lora_cfg, budget=budget)
+        plain_tokens = functools.partial(packed_plain_tokens, cfg, lora_cfg, budget=budget)
     else:
         longest = max((len(s) for c in candidates for s in c.sequences), default=1)
         k = candidates_per_call_in_memory(cfg, lora_cfg, inner_cfg, longest, maximum=maximum,
                                           fallback=fallback, devices=devices)
-        fits = None
+        fits = plain_tokens = None
         if not candidates or free is None:
             return k
     k, estimates = fastest_candidates_per_call(candidates, hparams, cfg, inner_cfg, maximum=k,
-                                               pad_id=pad_id, eos_id=eos_id, fits=fits)
+                                               pad_id=pad_id, eos_id=eos_id, fits=fits,
+                                               plain_tokens=plain_tokens)
     log.info("inner loop: candidates_per_call=0 chose K=%d (estimated training seconds by K: %s)", k,
              ", ".join(f"{kk}: {v:.0f}" for kk, v in estimates.items()))
     return k
@@ -588,10 +630,19 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
     if choice_key not in step_lib.REMAT_CHOICE:
         free = _free_device_bytes()
         floor = _activation_bytes_floor(step_cfg, xs)
+        tokens = int(np.prod(xs.tokens.shape[1:]))
         if free is not None and floor > REMAT_MEMORY_SHARE * free:
             step_lib.REMAT_CHOICE[choice_key] = True  # no compile of a plain program that cannot fit
             log.info("inner loop: %s keeps at least %.1f GiB of activations without remat (%.1f GiB "
                      "free): rematerialised", _describe(xs), floor / 2**30, free / 2**30)
+        elif (isinstance(xs, PackedStepBatch) and free is not None
+              and tokens > packed_plain_tokens(step_cfg.cfg, step_cfg.lora_cfg, xs.lr.shape[-1],
+                                               REMAT_MEMORY_SHARE * free)):
+            # The estimate that admitted this K (`_packed_plans_fit`) counted this step as
+            # rematerialised; it is not also compiled plain to find out.
+            step_lib.REMAT_CHOICE[choice_key] = True
+            log.info("inner loop: %s (%d tokens) is above the packed steps that fit without remat "
+                     "(%.1f GiB free): rematerialised", _describe(xs), tokens, free / 2**30)
         else:
             need = _planned_bytes(_compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)[0])
             remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free

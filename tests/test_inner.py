@@ -682,6 +682,87 @@ def test_auto_remat_skips_compiling_a_plain_program_that_cannot_fit(params, monk
     assert list(step_lib.REMAT_CHOICE.values()) == [True]
 
 
+def test_auto_remat_of_a_packed_step_follows_the_estimate_that_admitted_its_k(params, monkeypatch):
+    from seal_jax import train_step as step_lib
+
+    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
+    monkeypatch.setattr(step_lib, "REMAT_NEED", {})
+    ic = IC.replace(packing=True, length_buckets=(16, 48), pack_row_tokens=64, epochs=1, remat=None)
+    plan = inner.build_plan(_candidates(3), None, ic, pad_id=PAD)
+    padded, step_cfg, rules, frozen, state = inner._prepare(
+        params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
+        abstract=True)
+    assert inner._packs(padded, LC, None)
+    start, stop, length, rows, slots = max(padded.packed_chunks(ic.steps_per_chunk), key=lambda c: c[2] * c[3])
+    xs = padded.gather_packed(start, stop, length, rows, slots, ic.steps_per_chunk)
+    tokens = rows * length
+    k_count = padded.num_candidates
+    compiled = []
+    real_compile = inner._compile
+    monkeypatch.setattr(inner, "_compile", lambda step_cfg, *a, **kw: (
+        compiled.append(step_cfg.cfg.remat), real_compile(step_cfg, *a, **kw))[1])
+    # Free memory whose budget holds one token fewer than this step without remat (but more than
+    # the activation floor): the step goes straight to remat, with no plain compile to find out.
+    budget = inner._packed_step_bytes(CFG, LC, tokens - 1, k_count, remat=False)
+    assert inner.packed_plain_tokens(CFG, LC, k_count, budget) == tokens - 1
+    assert inner._activation_bytes_floor(step_cfg, xs) < budget
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(budget / inner.REMAT_MEMORY_SHARE) + 1)
+    inner._chunk_program(step_cfg, "auto", None, rules, frozen, state, xs)
+    assert compiled == [True] and list(step_lib.REMAT_CHOICE.values()) == [True]
+    # Where it fits the estimate, the plain program is compiled and its own memory analysis decides.
+    step_lib.REMAT_CHOICE.clear()
+    compiled.clear()
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)
+    inner._chunk_program(step_cfg, "auto", None, rules, frozen, state, xs)
+    assert compiled == [False, False] and list(step_lib.REMAT_CHOICE.values()) == [False]
+
+
+def test_packed_calls_may_rematerialise_only_their_largest_steps():
+    class Plan:  # what the memory rule reads of a plan
+        def __init__(self, tokens_S, k):
+            self.num_candidates, self._tokens = k, np.asarray(tokens_S, np.int64)
+
+        def computed_tokens_S(self):
+            return self._tokens
+
+    k = 4
+    budget = inner._packed_step_bytes(CFG, LC, 500, k, remat=False)
+    assert inner.packed_plain_tokens(CFG, LC, k, budget) == 500
+    fits = functools.partial(inner._packed_plans_fit, CFG, LC, budget=budget)
+    # The largest step that fits with remat (above the 500 that fit without it).
+    big = max(t for t in range(500, 5000) if inner._packed_step_bytes(CFG, LC, t, k, remat=True) <= budget)
+    assert big > 500
+    small = 100
+    few = int(np.ceil(big * (1 - inner.PACKED_REMAT_TOKEN_SHARE) / inner.PACKED_REMAT_TOKEN_SHARE / small))
+    assert fits([Plan([small] * few + [500], k)])  # all plain
+    # One step above the plain limit, at most PACKED_REMAT_TOKEN_SHARE of the tokens: admitted.
+    assert fits([Plan([small] * few + [big], k)])
+    # Two such steps: more than that share, refused.
+    assert not fits([Plan([small] * few + [big] * 2, k)])
+    # The share counts across the call's plans.
+    assert fits([Plan([small] * few, k), Plan([big], k)])
+    assert not fits([Plan([small] * (few // 2), k), Plan([big], k)])
+    # A step too large even with remat is refused whatever its share.
+    assert not fits([Plan([small] * few * 100, k), Plan([big + 1], k)])
+
+
+def test_the_cost_model_charges_rematerialised_packed_steps():
+    rng = np.random.default_rng(2)
+    cands = [inner.CandidateData([_tokens(rng, int(n)) for n in rng.integers(5, 60, size=3)])
+             for _ in range(8)]
+    ic = inner.InnerConfig(epochs=1, length_buckets=(16, 32, 64), pack_row_tokens=64)
+    plan = inner.build_plan(cands, [{"seed": k} for k in range(8)], ic, pad_id=PAD)
+    assert plan.packs_rows
+    tokens_S = plan.computed_tokens_S()
+    step, token = inner._step_and_token_seconds(CFG)
+    plain = inner.estimated_train_seconds(plan, CFG, ic)
+    assert inner.estimated_train_seconds(plan, CFG, ic, plain_tokens=int(tokens_S.max())) == plain
+    limit = int(np.median(tokens_S))
+    extra = (inner.REMAT_TOKEN_COST - 1) * token * tokens_S[tokens_S > limit].sum()
+    assert extra > 0
+    assert inner.estimated_train_seconds(plan, CFG, ic, plain_tokens=limit) == pytest.approx(plain + extra)
+
+
 def test_out_of_memory_under_auto_remat_retries_with_remat_before_splitting(params, monkeypatch):
     plan, want = _batched(params, 1)
     monkeypatch.setattr(inner, "_FITTED_K", {})
@@ -879,10 +960,22 @@ def test_fitting_k_in_packed_rows_checks_each_k_by_its_largest_packed_step(monke
 
     need = {k: largest_step_bytes(k) for k in (2, 4, 8, 16)}
     assert need[16] > need[8] > need[4]
+    # No remat allowed: the widest K whose largest step fits without it (under this cost model wider
+    # packed calls are faster).
+    monkeypatch.setattr(inner, "PACKED_REMAT_TOKEN_SHARE", 0.0)
     for free, want in ((need[16] * 2, 16), ((need[8] + need[16]) / 2, 8), ((need[4] + need[8]) / 2, 4)):
         monkeypatch.setattr(inner, "_free_device_bytes", lambda free=free: int(free / inner.REMAT_MEMORY_SHARE))
-        # Under this cost model wider packed calls are faster, so the widest that fits is chosen.
         assert fit() == want
+    # Remat allowed on any share of the steps: K=16 is admitted where only its rematerialised largest
+    # step fits.
+    tokens16 = max(int(p.computed_tokens_S().max())
+                   for p in (inner.build_plan([cands[i] for i in g], [hparams[i] for i in g], ic, pad_id=PAD)
+                             for g in inner.group_candidates(cands, hparams, ic, 16)))
+    assert inner._packed_step_bytes(CFG, LC, tokens16, 16, remat=True) < (need[8] + need[16]) / 2
+    monkeypatch.setattr(inner, "PACKED_REMAT_TOKEN_SHARE", 1.0)
+    monkeypatch.setattr(inner, "_free_device_bytes",
+                        lambda: int((need[8] + need[16]) / 2 / inner.REMAT_MEMORY_SHARE))
+    assert fit() == 16
     # A K that ran out of memory here caps later choices.
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(need[16] * 2 / inner.REMAT_MEMORY_SHARE))
     monkeypatch.setattr(inner, "_FITTED_K", {(CFG, LC, ic): 8})
