@@ -24,13 +24,15 @@ def embedded_model():
     return load_embedded()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled_programs():
-    """Free every compiled program after each test module. XLA:CPU maps each executable's code into
-    memory (~9 mappings apiece) and jit keeps executables for the life of the process, so one
-    process running the whole suite reached the kernel's 65,530-mapping limit, and the next
-    compile segfaulted inside LLVM. Programs are not shared across modules in a way tests rely on."""
-    yield
+# XLA:CPU maps each compiled executable's code into memory (~9 mappings apiece) and jit keeps
+# executables for the life of the process, so one process running the whole suite reached the kernel's
+# 65,530-mapping limit (vm.max_map_count) and the next compile segfaulted inside LLVM. Compiled
+# programs are therefore freed after each module, and after any test that leaves the process above
+# this many mappings (one module alone reached 28k).
+MAPPINGS_BEFORE_RELEASE = 20_000
+
+
+def _release_compiled_programs() -> None:
     import gc
 
     import jax
@@ -40,3 +42,24 @@ def _release_compiled_programs():
     inner.clear_compiled()
     jax.clear_caches()
     gc.collect()
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs_per_module():
+    yield
+    _release_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_when_mappings_pile_up():
+    yield
+    if _mappings() > MAPPINGS_BEFORE_RELEASE:
+        _release_compiled_programs()
