@@ -397,6 +397,15 @@ ACTIVATION_PLAN_FACTOR = 1.7
 TRAINABLE_STATE_BYTES = 16
 
 
+def _step_bytes(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], tokens: int, k_count: int, *,
+                remat: bool) -> float:
+    """Estimated device memory of a training step over `tokens` tokens (all its candidates) plus K
+    candidates' trainable state (value, gradient, Adam moments)."""
+    trainable = lora_lib.lora_num_params(cfg, lora_cfg) if lora_cfg is not None else cfg.num_params()
+    return (ACTIVATION_PLAN_FACTOR * _activation_bytes(cfg, tokens, remat=remat)
+            + TRAINABLE_STATE_BYTES * trainable * k_count)
+
+
 def candidates_per_call_in_memory(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig,
                                   longest_sequence: int, *, maximum: int, fallback: int,
                                   devices: int = 1) -> int:
@@ -413,10 +422,8 @@ def candidates_per_call_in_memory(cfg: ModelConfig, lora_cfg: Optional[LoraConfi
               else bucket(longest_sequence + extra, inner_cfg.length_buckets))
     tokens = inner_cfg.batch_size * length
     budget = REMAT_MEMORY_SHARE * free * max(1, devices)
-    trainable = lora_lib.lora_num_params(cfg, lora_cfg) if lora_cfg is not None else cfg.num_params()
-    per_candidate = (ACTIVATION_PLAN_FACTOR * min(_activation_bytes(cfg, tokens),
-                                                  _activation_bytes(cfg, tokens, remat=True))
-                     + TRAINABLE_STATE_BYTES * trainable)
+    per_candidate = min(_step_bytes(cfg, lora_cfg, tokens, 1, remat=False),
+                        _step_bytes(cfg, lora_cfg, tokens, 1, remat=True))
     k = 1
     while k * 2 <= maximum and k * 2 * per_candidate <= budget:
         k *= 2
@@ -522,21 +529,12 @@ PACKED_REMAT_TOKEN_SHARE = 0.1
 REMAT_TOKEN_COST = 1.5
 
 
-def _packed_step_bytes(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], tokens: int, k_count: int, *,
-                       remat: bool) -> float:
-    """Estimated device memory of a packed step over `tokens` tokens (all candidates) plus K
-    adapters' optimizer state."""
-    trainable = lora_lib.lora_num_params(cfg, lora_cfg) if lora_cfg is not None else cfg.num_params()
-    return (ACTIVATION_PLAN_FACTOR * _activation_bytes(cfg, tokens, remat=remat)
-            + TRAINABLE_STATE_BYTES * trainable * k_count)
-
-
 def packed_plain_tokens(cfg: ModelConfig, lora_cfg: Optional[LoraConfig], k_count: int,
                         budget: float) -> int:
     """The most tokens a packed step of K candidates may compute and still fit `budget` bytes
-    without remat (`_packed_step_bytes`)."""
-    per_token = _packed_step_bytes(cfg, lora_cfg, 1, 0, remat=False)
-    return max(0, int((budget - _packed_step_bytes(cfg, lora_cfg, 0, k_count, remat=False)) // per_token))
+    without remat (`_step_bytes`)."""
+    per_token = _step_bytes(cfg, lora_cfg, 1, 0, remat=False)
+    return max(0, int((budget - _step_bytes(cfg, lora_cfg, 0, k_count, remat=False)) // per_token))
 
 
 def _packed_plans_fit(cfg: ModelConfig, lora_cfg: LoraConfig, plans: Sequence[TrainPlan], *,
@@ -548,7 +546,7 @@ def _packed_plans_fit(cfg: ModelConfig, lora_cfg: LoraConfig, plans: Sequence[Tr
     tokens_S = np.concatenate([plan.computed_tokens_S() for plan in plans])
     if not tokens_S.size:
         return True
-    if _packed_step_bytes(cfg, lora_cfg, int(tokens_S.max()), k_count, remat=True) > budget:
+    if _step_bytes(cfg, lora_cfg, int(tokens_S.max()), k_count, remat=True) > budget:
         return False
     over = tokens_S[tokens_S > packed_plain_tokens(cfg, lora_cfg, k_count, budget)]
     return over.sum() <= PACKED_REMAT_TOKEN_SHARE * tokens_S.sum()
@@ -630,7 +628,7 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
     if choice_key not in step_lib.REMAT_CHOICE:
         free = _free_device_bytes()
         floor = _activation_bytes_floor(step_cfg, xs)
-        tokens = int(np.prod(xs.tokens.shape[1:]))
+        tokens = int(np.prod(xs.tokens.shape[1:]))  # of all candidates (the floor's count too)
         if free is not None and floor > REMAT_MEMORY_SHARE * free:
             step_lib.REMAT_CHOICE[choice_key] = True  # no compile of a plain program that cannot fit
             log.info("inner loop: %s keeps at least %.1f GiB of activations without remat (%.1f GiB "

@@ -703,7 +703,7 @@ def test_auto_remat_of_a_packed_step_follows_the_estimate_that_admitted_its_k(pa
         compiled.append(step_cfg.cfg.remat), real_compile(step_cfg, *a, **kw))[1])
     # Free memory whose budget holds one token fewer than this step without remat (but more than
     # the activation floor): the step goes straight to remat, with no plain compile to find out.
-    budget = inner._packed_step_bytes(CFG, LC, tokens - 1, k_count, remat=False)
+    budget = inner._step_bytes(CFG, LC, tokens - 1, k_count, remat=False)
     assert inner.packed_plain_tokens(CFG, LC, k_count, budget) == tokens - 1
     assert inner._activation_bytes_floor(step_cfg, xs) < budget
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(budget / inner.REMAT_MEMORY_SHARE) + 1)
@@ -726,11 +726,11 @@ def test_packed_calls_may_rematerialise_only_their_largest_steps():
             return self._tokens
 
     k = 4
-    budget = inner._packed_step_bytes(CFG, LC, 500, k, remat=False)
+    budget = inner._step_bytes(CFG, LC, 500, k, remat=False)
     assert inner.packed_plain_tokens(CFG, LC, k, budget) == 500
     fits = functools.partial(inner._packed_plans_fit, CFG, LC, budget=budget)
     # The largest step that fits with remat (above the 500 that fit without it).
-    big = max(t for t in range(500, 5000) if inner._packed_step_bytes(CFG, LC, t, k, remat=True) <= budget)
+    big = max(t for t in range(500, 5000) if inner._step_bytes(CFG, LC, t, k, remat=True) <= budget)
     assert big > 500
     small = 100
     few = int(np.ceil(big * (1 - inner.PACKED_REMAT_TOKEN_SHARE) / inner.PACKED_REMAT_TOKEN_SHARE / small))
@@ -971,7 +971,7 @@ def test_fitting_k_in_packed_rows_checks_each_k_by_its_largest_packed_step(monke
     tokens16 = max(int(p.computed_tokens_S().max())
                    for p in (inner.build_plan([cands[i] for i in g], [hparams[i] for i in g], ic, pad_id=PAD)
                              for g in inner.group_candidates(cands, hparams, ic, 16)))
-    assert inner._packed_step_bytes(CFG, LC, tokens16, 16, remat=True) < (need[8] + need[16]) / 2
+    assert inner._step_bytes(CFG, LC, tokens16, 16, remat=True) < (need[8] + need[16]) / 2
     monkeypatch.setattr(inner, "PACKED_REMAT_TOKEN_SHARE", 1.0)
     monkeypatch.setattr(inner, "_free_device_bytes",
                         lambda: int((need[8] + need[16]) / 2 / inner.REMAT_MEMORY_SHARE))
