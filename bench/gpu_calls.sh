@@ -6,8 +6,8 @@
 #   bench/gpu_calls.sh setup    carry [.embB, .whl]    install the wheels and the embedded model
 #   bench/gpu_calls.sh kernels  carry [.old, .peer]    inner loop before/after (old = .old/, the
 #                                                      pre-optax tree) and vs the PyTorch peer; decode
-#   bench/gpu_calls.sh gemm-flag carry [.peer]          the 7B inner loop with and without
-#                                                      --xla_gpu_enable_triton_gemm=false, and the peer
+#   bench/gpu_calls.sh gemm-flag carry [.peer]          the 7B inner loop with Triton GEMMs and with
+#                                                      cuBLAS (the default), and the peer
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
 #                                                      run finds the persistent compilation cache);
@@ -52,10 +52,10 @@ kernels)
   (cd "$OUT" && timeout 120 python3 "$OLDPWD/.peer/peer_inner_loop.py" qwen2.5-7b seal 2 2>&1 | grep -E "candidate|^\{" | tail -n 4)
   timeout 200 python3 bench/decode.py --preset qwen2.5-7b --out "$OUT/decode_7b.json" 2>&1 | tail -n 12 ;;
 gemm-flag)
-  # Issue 8: XLA's default GEMMs (Triton, long autotuning) against cuBLAS
-  # (--xla_gpu_enable_triton_gemm=false), alone: the inner loop with default settings on the 7B preset,
-  # each in a fresh process (cold compile), then the peer in the same call for the ratio.
-  for flags in "" "--xla_gpu_enable_triton_gemm=false"; do
+  # Issue 8: XLA's Triton GEMMs (long autotuning) against cuBLAS (--xla_gpu_enable_triton_gemm=false,
+  # seal_jax's default since 2026-12-03, `seal_jax/xla_defaults.py`), alone: the inner loop with default
+  # settings on the 7B preset, each in a fresh process (cold compile), then the peer in the same call.
+  for flags in "--xla_gpu_enable_triton_gemm=true" ""; do
     XLA_FLAGS="$flags" timeout 240 python3 bench/inner_loop.py --models qwen2.5-7b --ks ${GEMM_KS:-16} \
         --shuffle aligned --out "$OUT/inner_gemm_flag.jsonl" 2>&1 | grep -E "^\{|K=|Error" | tail -n 4
   done

@@ -1,0 +1,28 @@
+"""XLA flags seal_jax sets by default, before JAX starts its backends.
+
+`--xla_gpu_enable_triton_gemm=false`: GEMMs on cuBLAS instead of XLA's Triton GEMMs. On an H200
+(jax 0.11.2) the 7B inner loop ran the same step time either way (0.571 against 0.575 s per candidate
+at K=16) but compiled in 17.5 s instead of 27.2 s, and the paper E-step's packed programs in ~34 s each
+instead of ~2 minutes (Triton's autotuning): `bench/results/round_h200.md`, 2026-12-03 (third session).
+The flag only concerns GPU compiles; CPU and TPU ignore it.
+
+A flag the user already sets in XLA_FLAGS (either value) is left as it is. JAX reads XLA_FLAGS when its
+first backend starts, so this applies to a process that imports seal_jax before it computes anything
+with JAX (the CLI, the launchers and the benchmarks do).
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false"}
+
+
+def with_defaults(xla_flags: str) -> str:
+    """`xla_flags` with each default flag appended unless it is already set there."""
+    present = {token.split("=", 1)[0] for token in xla_flags.split()}
+    added = [f"{name}={value}" for name, value in DEFAULT_FLAGS.items() if name not in present]
+    return " ".join([xla_flags.strip(), *added]).strip()
+
+
+def apply() -> None:
+    os.environ["XLA_FLAGS"] = with_defaults(os.environ.get("XLA_FLAGS", ""))
