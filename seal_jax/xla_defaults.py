@@ -1,8 +1,8 @@
 """XLA flags seal_jax sets by default, before JAX starts its backends.
 
 `--xla_gpu_enable_triton_gemm=false`: GEMMs on cuBLAS instead of XLA's Triton GEMMs. On an H200
-(jax 0.11.2) the 7B inner loop ran the same step time either way (0.571 against 0.575 s per candidate
-at K=16) but compiled in 17.5 s instead of 27.2 s, and the paper E-step's packed programs in ~34 s each
+(jax 0.11.2) the 7B inner loop ran within 1% of Triton's step time (0.575 s per candidate on cuBLAS,
+0.571 s on Triton, K=16) but compiled in 17.5 s instead of 27.2 s, and the paper E-step's packed programs in ~34 s each
 instead of ~2 minutes (Triton's autotuning): `bench/results/round_h200.md`, 2026-12-03 (third session).
 The flag only concerns GPU compiles; CPU and TPU ignore it.
 
