@@ -21,7 +21,8 @@ sampling phase decodes as many tokens as the real self-edits have (the embedded 
 `paper` cap and stops by itself).
 
 Printed and written as JSON: wall time per phase (sample, train, evaluate = generate answers, grade,
-M-step, and "precompile": the E-step's training programs compiled at once in parallel threads) with
+M-step, and "precompile": the E-step's training programs compiled in parallel threads while the calls
+run, the time until the last was ready) with
 compile time (XLA backend compiles, from jax.monitoring) counted inside the phases and reported
 separately, candidates per hour of the E-step, compiled programs, padding fraction of the
 trained tokens, and peak device memory. `--peer-workload FILE` also writes the first few candidates
@@ -172,20 +173,26 @@ def main():
     clock.wrap(engine, "train", "train")
     clock.wrap(engine, "answer", "evaluate")
     clock.wrap(domain, "score", "grade")
-    precompile_training = engine.precompile_training
+    start_precompile = engine.start_precompile_training
 
     def timed_precompile(*a, **kw):
+        # Runs in background threads beside the calls: its compiles count in "precompile" (their
+        # sum exceeds its wall time), and its wall time overlaps "train" and "evaluate".
         clock.background_phase = "precompile"
-        try:
-            with clock.phase("precompile"):
-                count = precompile_training(*a, **kw)
-        finally:
-            clock.background_phase = None
-        print(f"[precompile] {count} training programs in {clock.seconds['precompile']:.1f} s "
-              f"(compile time summed over threads {clock.compile_seconds['precompile']:.1f} s)", flush=True)
-        return count
+        handle = start_precompile(*a, **kw)
 
-    engine.precompile_training = timed_precompile
+        def finished(h):
+            clock.background_phase = None
+            clock.seconds["precompile"] += h.seconds
+            print(f"[precompile] {h.programs} training programs ready {h.seconds:.1f} s after the start, "
+                  f"overlapping the calls ({h.wait()} compiled here or by a call that came first; "
+                  f"compile time summed over threads {clock.compile_seconds['precompile']:.1f} s)",
+                  flush=True)
+
+        handle.add_done_callback(finished)
+        return handle
+
+    engine.start_precompile_training = timed_precompile
     # The plans of the training calls (precompile builds the same plans again: not counted twice).
     plans = []
     train_fitting = inner.train_candidates_fitting

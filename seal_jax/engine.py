@@ -132,12 +132,19 @@ class Engine:
     def precompile_training(self, calls: Sequence[tuple[Sequence[CandidateSpec], Sequence[int]]],
                             inner_cfg: Optional[inner.InnerConfig] = None) -> int:
         """Compile, concurrently, the programs that `train(specs, seeds)` will run for each of
-        `calls` (see `inner.precompile`); returns how many were compiled."""
+        `calls`, and wait for them (see `inner.precompile`); returns how many were compiled."""
+        return self.start_precompile_training(calls, inner_cfg).wait()
+
+    def start_precompile_training(self, calls: Sequence[tuple[Sequence[CandidateSpec], Sequence[int]]],
+                                  inner_cfg: Optional[inner.InnerConfig] = None
+                                  ) -> inner.BackgroundCompile:
+        """Start compiling those programs in worker threads, in the order of `calls`, and return at
+        once (`inner.start_precompile`): `train` may run meanwhile and waits only for its own."""
         icfg = inner_cfg or self.settings.inner
-        plans = [inner.build_plan(*self._plan_inputs(specs, seeds), icfg, pad_id=self.pad_id,
-                                  eos_id=self.eos_id) for specs, seeds in calls]
-        return inner.precompile(self.params, plans, cfg=self.cfg, lora_cfg=self.settings.lora,
-                                inner_cfg=icfg, mesh=self.settings.mesh, rules=self.settings.rules)
+        plans = (inner.build_plan(*self._plan_inputs(specs, seeds), icfg, pad_id=self.pad_id,
+                                  eos_id=self.eos_id) for specs, seeds in calls)  # built by the feeder
+        return inner.start_precompile(self.params, plans, cfg=self.cfg, lora_cfg=self.settings.lora,
+                                      inner_cfg=icfg, mesh=self.settings.mesh, rules=self.settings.rules)
 
     @staticmethod
     def _plan_inputs(specs: Sequence[CandidateSpec], seeds: Sequence[int]):

@@ -18,6 +18,7 @@ A candidate ends in one of four states, all recorded:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -171,15 +172,18 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
         recorded += len(chunk)
         bar.update(1)
 
+    # Every training program of this E-step compiles in parallel threads, in the order the calls
+    # need them, while the calls run: a call waits only for its own programs (on an H200 the 7B's
+    # 33 programs took 125 s cold before the first call, which needs a few of them).
+    compiling = engine.start_precompile_training(
+        [([pending[j][2] for j in g], [pending[j][4] for j in g]) for g in groups]) if groups else None
     # The evaluation of call i (generate on the device, decode and grade on the host, write records)
     # runs in a worker thread while the main thread builds and dispatches the training of call i+1:
     # the host work of one overlaps the device work of the other. One worker keeps records in call order.
-    if groups:
-        # Every training program of this E-step compiled at once, in parallel, before the first call.
-        bar.set_postfix_str("compiling")
-        engine.precompile_training([([pending[j][2] for j in g], [pending[j][4] for j in g])
-                                    for g in groups])
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="estep-eval") as pool:
+    with contextlib.ExitStack() as stack, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="estep-eval") as pool:
+        if compiling is not None:  # a stopped or failed E-step drops the compiles not yet started
+            stack.callback(compiling.cancel)
         evaluating = None
         for group in groups:
             if interrupt.stop_requested() and evaluating is not None:

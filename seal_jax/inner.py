@@ -41,7 +41,9 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -600,33 +602,61 @@ def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compi
     fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
     shape_key = _shape_key(key, mesh, frozen, xs)
     compiled = step_lib.PRECOMPILED.get(shape_key)
-    if compiled is None and skip_compiled and shape_key in step_lib.COMPILED_SHAPES:
-        return None, shape_key
-    if compiled is None:
-        # The jitted function itself, not distributed.global_inputs' wrapper around it. Kept and
-        # called directly: a later trace of the same function need not reuse this lowering (jit's
-        # caches key on the traced jaxpr object), so jit could compile it again.
-        jitted = fn if hasattr(fn, "lower") else fn.__wrapped__
-        compiled = jitted.lower(frozen, state, xs, np.int32(0)).compile()
-        step_lib.PRECOMPILED[shape_key] = compiled
-        step_lib.COMPILED_SHAPES.add(shape_key)
+    if compiled is not None:
+        return compiled, shape_key
+    with step_lib.program_lock(shape_key):  # compiling in another thread: wait for it, then reuse
+        compiled = step_lib.PRECOMPILED.get(shape_key)
+        if compiled is None and skip_compiled and shape_key in step_lib.COMPILED_SHAPES:
+            return None, shape_key
+        if compiled is None:
+            # The jitted function itself, not distributed.global_inputs' wrapper around it. Kept and
+            # called directly: a later trace of the same function need not reuse this lowering (jit's
+            # caches key on the traced jaxpr object), so jit could compile it again.
+            jitted = fn if hasattr(fn, "lower") else fn.__wrapped__
+            compiled = jitted.lower(frozen, state, xs, np.int32(0)).compile()
+            step_lib.PRECOMPILED[shape_key] = compiled
+            step_lib.COMPILED_SHAPES.add(shape_key)
     return compiled, shape_key
 
 
 def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules, frozen, state, xs, *,
-                   limit: Optional[int] = None, plain_needs: Optional[list] = None):
+                   limit: Optional[int] = None, plain_needs: Optional[list] = None,
+                   free: Optional[int] = None):
     """(callable, COMPILED_SHAPES key) of the chunk program for these inputs. Under "auto", a plain
     program planning at least `limit` bytes is rematerialised; `plain_needs` collects the planned
-    bytes of a plain program returned."""
+    bytes of a plain program returned. `free`: the device's free bytes to decide remat by (None:
+    measured now; a background precompile passes what was free before the calls began allocating)."""
     if remat_mode is None:
         fn, key = step_lib.chunk_fn(step_cfg, mesh, rules, frozen, state, xs)
         shape_key = _shape_key(key, mesh, frozen, xs)
-        return step_lib.PRECOMPILED.get(shape_key, fn), shape_key
+        with step_lib.program_lock(shape_key):  # a background precompile of it finishes first
+            step_lib.COMPILED_SHAPES.add(shape_key)  # jit compiles it now: precompile skips it
+            return step_lib.PRECOMPILED.get(shape_key, fn), shape_key
     if remat_mode == "forced":
         return _compile(step_cfg.with_remat(True), mesh, rules, frozen, state, xs)
     choice_key = (step_cfg, mesh, rules, *_program_dims(xs), xs.lr.shape[0])
+    with step_lib.program_lock(("remat choice", choice_key)):  # decided once, by whoever comes first
+        _choose_remat(choice_key, step_cfg, mesh, rules, frozen, state, xs, free)
+    remat = step_lib.REMAT_CHOICE[choice_key]
+    need = step_lib.REMAT_NEED.get(choice_key)
+    if not remat and need is not None:
+        if limit is not None and need >= limit:
+            # Fitted the free memory, but a program this big ran out of it beside others. The limit
+            # only falls, so the choice is kept.
+            remat = step_lib.REMAT_CHOICE[choice_key] = True
+            log.info("inner loop: %s plans %.1f GiB without remat, at or above the %.1f GiB that ran "
+                     "out of memory: rematerialised", _describe(xs), need / 2**30, limit / 2**30)
+        elif plain_needs is not None:
+            plain_needs.append(need)
+    return _compile(step_cfg.with_remat(remat), mesh, rules, frozen, state, xs)
+
+
+def _choose_remat(choice_key, step_cfg: StepConfig, mesh, rules, frozen, state, xs,
+                  free: Optional[int]) -> None:
+    """Record in step_lib.REMAT_CHOICE whether this program runs rematerialised (unless decided);
+    `free` None: measured now."""
     if choice_key not in step_lib.REMAT_CHOICE:
-        free = _free_device_bytes()
+        free = _free_device_bytes() if free is None else free
         floor = _activation_bytes_floor(step_cfg, xs)
         tokens = int(np.prod(xs.tokens.shape[1:]))  # of all candidates (the floor's count too)
         if free is not None and floor > REMAT_MEMORY_SHARE * free:
@@ -644,23 +674,11 @@ def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules,
         else:
             need = _planned_bytes(_compile(step_cfg.with_remat(False), mesh, rules, frozen, state, xs)[0])
             remat = need is not None and free is not None and need > REMAT_MEMORY_SHARE * free
-            step_lib.REMAT_CHOICE[choice_key] = remat
             step_lib.REMAT_NEED[choice_key] = need
+            step_lib.REMAT_CHOICE[choice_key] = remat
             if remat:
                 log.info("inner loop: %s needs %.1f GiB without remat (%.1f GiB free): "
                          "rematerialised", _describe(xs), need / 2**30, free / 2**30)
-    remat = step_lib.REMAT_CHOICE[choice_key]
-    need = step_lib.REMAT_NEED.get(choice_key)
-    if not remat and need is not None:
-        if limit is not None and need >= limit:
-            # Fitted the free memory, but a program this big ran out of it beside others. The limit
-            # only falls, so the choice is kept.
-            remat = step_lib.REMAT_CHOICE[choice_key] = True
-            log.info("inner loop: %s plans %.1f GiB without remat, at or above the %.1f GiB that ran "
-                     "out of memory: rematerialised", _describe(xs), need / 2**30, limit / 2**30)
-        elif plain_needs is not None:
-            plain_needs.append(need)
-    return _compile(step_cfg.with_remat(remat), mesh, rules, frozen, state, xs)
 
 
 def _result(plan: TrainPlan, state: TrainState, losses, norms, k_real: int, full_base) -> InnerResult:
@@ -780,29 +798,117 @@ def _fitted_pieces(plan: TrainPlan, cfg, lora_cfg, inner_cfg) -> list[TrainPlan]
 def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
                lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig = InnerConfig(), mesh=None,
                rules=None, workers: int = 0) -> int:
-    """Compile the chunk programs that training `plans` will run, concurrently; returns how many.
+    """Compile the chunk programs that training `plans` will run, concurrently, and wait for them;
+    returns how many were compiled. See `start_precompile`."""
+    return start_precompile(base_params, plans, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=inner_cfg,
+                            mesh=mesh, rules=rules, workers=workers).wait()
+
+
+class BackgroundCompile:
+    """Chunk programs compiling in worker threads, in the order the calls will first need them.
+
+    A feeder thread walks the plans (host work: building each call's step batches) and hands each
+    new program to the workers as it meets it. A call that reaches a program still compiling waits
+    for it (`step_lib.program_lock`) instead of compiling it again, and one that reaches a program
+    not yet started compiles it itself (the worker then finds it done), so the calls run while this
+    compiles: the first call starts once its own programs are ready instead of after the round's.
+    """
+
+    def __init__(self, jobs: Iterable[Callable[[], None]], workers: int):
+        self.programs = 0  # jobs handed to the workers
+        self.seconds: Optional[float] = None  # wall time until the last job finished
+        self._started = time.perf_counter()
+        self._before = len(step_lib.PRECOMPILED)
+        self._compiled: Optional[int] = None
+        self._lock = threading.Lock()
+        self._pending = 1  # the feeder counts as one until it has handed over every job
+        self._cancelled = False
+        self._callbacks: list = []
+        self._finished = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
+                                                           thread_name_prefix="precompile")
+        self._futures: list = []
+        self._feeder = threading.Thread(target=self._feed, args=(iter(jobs),), name="precompile-plans",
+                                        daemon=True)
+        self._feeder.start()
+
+    def _feed(self, jobs) -> None:
+        try:
+            for job in jobs:
+                with self._lock:
+                    if self._cancelled:
+                        break
+                    self._pending += 1
+                    self.programs += 1
+                    future = self._pool.submit(job)
+                    self._futures.append(future)
+                future.add_done_callback(self._job_done)
+        except Exception as e:  # noqa: BLE001 - planning failed: the calls plan (and report) themselves
+            log.warning("inner loop: precompile stopped planning (%s); the calls compile the rest",
+                        str(e).splitlines()[0][:200])
+        finally:
+            self._pool.shutdown(wait=False)  # the threads end after the last job
+            self._job_done(None)
+
+    def _job_done(self, _future) -> None:
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            self.seconds = time.perf_counter() - self._started
+            self._compiled = len(step_lib.PRECOMPILED) - self._before
+            log.info("inner loop: precompiled %d programs in %.1f s", self._compiled, self.seconds)
+            self._finished.set()
+            for callback in self._callbacks:
+                callback(self)
+
+    def add_done_callback(self, callback: Callable[["BackgroundCompile"], None]) -> None:
+        """Call `callback(self)` once every job has finished (now, if they have)."""
+        with self._lock:
+            if self._pending:
+                self._callbacks.append(callback)
+                return
+        self._finished.wait()
+        callback(self)
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self) -> int:
+        """Wait for every job; returns how many programs were compiled while they ran (by the
+        workers, or by calls that reached them first)."""
+        self._finished.wait()
+        return int(self._compiled)
+
+    def cancel(self) -> int:
+        """Drop the jobs not yet started (a stopped or failed E-step) and wait for the running ones."""
+        with self._lock:
+            self._cancelled = True
+            futures = list(self._futures)
+        for future in futures:
+            future.cancel()
+        return self.wait()
+
+
+def start_precompile(base_params, plans: Iterable[TrainPlan], *, cfg: ModelConfig,
+                     lora_cfg: Optional[LoraConfig], inner_cfg: InnerConfig = InnerConfig(), mesh=None,
+                     rules=None, workers: int = 0) -> BackgroundCompile:
+    """Start compiling the chunk programs that training `plans` (built lazily, if a generator) will
+    run, in worker threads, in the order of first use; returns at once.
 
     XLA compiles one program on one thread, and a round's distinct (K, length bucket) programs would
     otherwise compile one after another as the calls reach them (13 programs, 155 s of a 292 s
     E-step on an H200). Compiled here, they land in jit's own cache: the calls dispatch them without
-    compiling. Nothing is allocated on the device (the state is abstract). A program that fails to
-    compile here is left to the call itself, which reports or splits as usual. `workers`: threads
-    (0: one per program, at most the host's cores).
+    compiling. Nothing is allocated on the device (the state is abstract); remat is decided on the
+    memory free now, before the calls allocate. A program that fails to compile here is left to the
+    call itself, which reports or splits as usual. `workers`: threads (0: the host's cores less one,
+    which the calls and the evaluation use).
     """
     if mesh is not None and dist.spans_processes(mesh):
-        return 0  # each process's calls place their inputs globally first; compiled as they come
-    jobs = {}
-    for plan in plans:
-        for piece in _fitted_pieces(plan, cfg, lora_cfg, inner_cfg):
-            padded, step_cfg, piece_rules, frozen, state = _prepare(
-                base_params, piece, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=inner_cfg, init_lora=None,
-                mesh=mesh, rules=rules, abstract=True)
-            c = inner_cfg.steps_per_chunk
-            for _, _, xs in _chunk_batches(padded, c, _packs(padded, lora_cfg, mesh)):
-                job_key = (step_cfg, c, *_program_dims(xs))
-                jobs.setdefault(job_key, (step_cfg, piece_rules, frozen, state, xs))
+        return BackgroundCompile([], 1)  # each process's calls place their inputs globally first
     mode = _remat_mode(cfg, lora_cfg, inner_cfg) or "precompile"
     limit = _remat_limit(_fit_key(cfg, lora_cfg, inner_cfg)) if mode == "auto" else None
+    free = _free_device_bytes()
 
     def compile_one(job) -> None:
         step_cfg, piece_rules, frozen, state, xs = job
@@ -812,21 +918,26 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
             if mode == "precompile":
                 _compile(step_cfg, mesh, piece_rules, frozen, state, xs, skip_compiled=True)
             else:
-                _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs, limit=limit)
+                _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs, limit=limit, free=free)
         except Exception as e:  # noqa: BLE001 - the call itself compiles (and reports) it again
             log.warning("inner loop: precompiling %s failed (%s); left to the call", _describe(xs),
                         str(e).splitlines()[0][:200])
 
-    if not jobs:
-        return 0
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
-    before = len(step_lib.PRECOMPILED)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                               thread_name_prefix="precompile") as pool:
-        list(pool.map(compile_one, jobs.values()))
-    compiled = len(step_lib.PRECOMPILED) - before
-    log.info("inner loop: precompiled %d programs on %d threads", compiled, workers)
-    return compiled
+    def jobs():
+        seen = set()
+        for plan in plans:
+            for piece in _fitted_pieces(plan, cfg, lora_cfg, inner_cfg):
+                padded, step_cfg, piece_rules, frozen, state = _prepare(
+                    base_params, piece, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=inner_cfg, init_lora=None,
+                    mesh=mesh, rules=rules, abstract=True)
+                c = inner_cfg.steps_per_chunk
+                for _, _, xs in _chunk_batches(padded, c, _packs(padded, lora_cfg, mesh)):
+                    job_key = (step_cfg, c, *_program_dims(xs))
+                    if job_key not in seen:
+                        seen.add(job_key)
+                        yield functools.partial(compile_one, (step_cfg, piece_rules, frozen, state, xs))
+
+    return BackgroundCompile(jobs(), workers or max(1, (os.cpu_count() or 2) - 1))
 
 
 def fitted_candidates_per_call(cfg, lora_cfg, inner_cfg) -> Optional[int]:

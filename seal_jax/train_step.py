@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any, Optional
 
 import jax
@@ -332,9 +333,23 @@ REMAT_CHOICE: dict = {}
 REMAT_NEED: dict = {}
 
 
+# One lock per program key (a compile, or a remat choice): the E-step compiles its programs in
+# background threads while the calls run, and a call reaching a program still compiling waits for it
+# instead of compiling it a second time.
+_PROGRAM_LOCKS: dict = {}
+_PROGRAM_LOCKS_GUARD = threading.Lock()
+
+
+def program_lock(key) -> threading.Lock:
+    with _PROGRAM_LOCKS_GUARD:
+        return _PROGRAM_LOCKS.setdefault(key, threading.Lock())
+
+
 def clear() -> None:
     _CHUNK_FNS.clear()
     COMPILED_SHAPES.clear()
     PRECOMPILED.clear()
     REMAT_CHOICE.clear()
     REMAT_NEED.clear()
+    with _PROGRAM_LOCKS_GUARD:
+        _PROGRAM_LOCKS.clear()

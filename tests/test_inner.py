@@ -629,6 +629,62 @@ def test_precompile_compiles_every_program_once_and_the_calls_reuse_them(params,
         assert result.failure_reason == [None] * plan.num_candidates
 
 
+def test_calls_run_beside_a_background_precompile_and_compile_no_program_twice(params, caplog,
+                                                                               log_compiles):
+    ic = IC.replace(length_buckets=(16, 32, 48), epochs=1, steps_per_chunk=4)
+    plans = [inner.build_plan(_candidates(s)[:k], None, ic, pad_id=PAD) for s, k in ((7, 4), (8, 3), (9, 2))]
+    wanted = {(p.num_candidates, t, r, m) for p in plans for _, _, t, r, m in p.packed_chunks(ic.steps_per_chunk)}
+    assert len(wanted) >= 5
+    alone = [inner.train_candidates(params, p, cfg=CFG, lora_cfg=LC, inner_cfg=ic) for p in plans]
+    inner.clear_compiled()
+    jax.clear_caches()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        # One worker, the calls started at once: some programs are compiled by the worker while a
+        # call waits for them, others by the call that reaches them first.
+        compiling = inner.start_precompile(params, iter(plans), cfg=CFG, lora_cfg=LC, inner_cfg=ic,
+                                           workers=1)
+        beside = [inner.train_candidates(params, p, cfg=CFG, lora_cfg=LC, inner_cfg=ic) for p in plans]
+        compiling.wait()
+        assert compiling.done() and compiling.programs == len(wanted)
+        assert compiling.seconds > 0
+        assert _chunk_compiles(caplog) == len(wanted)  # each program compiled once, by one thread
+    for a, b in zip(alone, beside):  # the same programs on the same inputs
+        for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_a_cancelled_background_precompile_stops_and_reports_done(params):
+    ic = IC.replace(length_buckets=(16, 32, 48), epochs=1, steps_per_chunk=4)
+    plans = (inner.build_plan(_candidates(s), None, ic, pad_id=PAD) for s in range(10, 16))
+    inner.clear_compiled()
+    compiling = inner.start_precompile(params, plans, cfg=CFG, lora_cfg=LC, inner_cfg=ic, workers=1)
+    seen = []
+    compiling.cancel()
+    compiling.add_done_callback(lambda h: seen.append(h.programs))  # already done: called at once
+    assert compiling.done() and seen == [compiling.programs]
+    assert inner.compiled_shape_count() <= compiling.programs
+
+
+def test_a_background_remat_choice_uses_the_memory_free_before_the_calls(params, monkeypatch):
+    from seal_jax import train_step as step_lib
+
+    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
+    monkeypatch.setattr(step_lib, "REMAT_NEED", {})
+    ic = IC.replace(packing=False, length_buckets=(48,), epochs=1, remat=None)
+    plan = inner.build_plan(_candidates(3), None, ic, pad_id=PAD)
+    padded, step_cfg, rules, frozen, state = inner._prepare(
+        params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
+        abstract=True)
+    xs = padded.gather(0, 1, 48, ic.steps_per_chunk)
+    floor = inner._activation_bytes_floor(step_cfg, xs)
+    # Now (a call running beside it) too little is free; before the calls, plenty was.
+    monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(floor / 2))
+    inner._chunk_program(step_cfg, "auto", None, rules, frozen, state, xs, free=1 << 40)
+    assert list(step_lib.REMAT_CHOICE.values()) == [False]
+
+
 def test_auto_remat_turns_on_only_for_programs_that_would_not_fit(params, monkeypatch):
     from seal_jax import train_step as step_lib
 
