@@ -208,7 +208,12 @@ def prepare_lora(
             raise ValueError(
                 f"adapter_index[{bad[0]}]={index[bad[0]]} is out of range for K={k} candidates"
             )
-    grouped = jax.tree.map(lambda x: jnp.swapaxes(jnp.asarray(x), 0, 1), lora)  # [L, K, ...]
+    # [L, K, ...], K padded with zero adapters to a power of two (never indexed): the decode programs
+    # are specialised to K, and an E-step's last call, with fewer candidates than the others, would
+    # otherwise compile its own (8-11 s at the end of an H200 E-step, where nothing overlaps it).
+    padding = bucket(k) - k
+    grouped = jax.tree.map(lambda x: jnp.pad(jnp.swapaxes(jnp.asarray(x), 0, 1),
+                                             [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2)), lora)
     return grouped, index
 
 

@@ -184,6 +184,26 @@ def test_per_row_lora_matches_single_adapter_runs_in_prompt_order(llama):
     assert [g.token_ids for g in shuffled] == [got[i].token_ids for i in perm]
 
 
+def test_adapter_stacks_of_k_up_to_the_same_power_of_two_share_decode_programs(llama):
+    cfg, params = llama
+    three = random_lora(cfg, LORA_CFG, 3, seed=5)
+    lora_LxK, index = sampling_module.prepare_lora(three, LORA_CFG, cfg, [2, 0, 1], 3)
+    for padded, given in zip(jax.tree.leaves(lora_LxK), jax.tree.leaves(three)):
+        assert padded.shape[1] == 4  # K=3 padded with a zero adapter, never indexed
+        np.testing.assert_array_equal(np.asarray(padded[:, :3]), np.swapaxes(np.asarray(given), 0, 1))
+        assert not np.asarray(padded[:, 3]).any()
+    assert index.tolist() == [2, 0, 1]
+    # An E-step's last call with fewer candidates than the others decodes with their programs.
+    prompts = random_prompts(cfg, [5, 7, 6, 4], seed=8)
+    four = random_lora(cfg, LORA_CFG, 4, seed=6)
+    generate(params, prompts, cfg=cfg, sampling=NO_STOP, lora=four, lora_cfg=LORA_CFG,
+             adapter_index=[0, 1, 2, 3], batch_size=4)
+    compiled = decode.decode_segment._cache_size()
+    generate(params, prompts[:3], cfg=cfg, sampling=NO_STOP, lora=three, lora_cfg=LORA_CFG,
+             adapter_index=[0, 1, 2], batch_size=4)
+    assert decode.decode_segment._cache_size() == compiled
+
+
 def test_plan_row_groups_covers_every_row_once():
     rng = np.random.default_rng(0)
     adapters = rng.integers(0, 5, size=37)
