@@ -667,17 +667,23 @@ def test_a_cancelled_background_precompile_stops_and_reports_done(params):
     assert inner.compiled_shape_count() <= compiling.programs
 
 
-def test_a_background_remat_choice_uses_the_memory_free_before_the_calls(params, monkeypatch):
-    from seal_jax import train_step as step_lib
-
-    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
-    monkeypatch.setattr(step_lib, "REMAT_NEED", {})
+def _one_chunk_of_length_48(params):
+    """(step config, rules, frozen, abstract state, step batch) of a one-step chunk with a row per
+    candidate, automatic remat allowed."""
     ic = IC.replace(packing=False, length_buckets=(48,), epochs=1, remat=None)
     plan = inner.build_plan(_candidates(3), None, ic, pad_id=PAD)
     padded, step_cfg, rules, frozen, state = inner._prepare(
         params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
         abstract=True)
-    xs = padded.gather(0, 1, 48, ic.steps_per_chunk)
+    return step_cfg, rules, frozen, state, padded.gather(0, 1, 48, ic.steps_per_chunk)
+
+
+def test_a_background_remat_choice_uses_the_memory_free_before_the_calls(params, monkeypatch):
+    from seal_jax import train_step as step_lib
+
+    monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
+    monkeypatch.setattr(step_lib, "REMAT_NEED", {})
+    step_cfg, rules, frozen, state, xs = _one_chunk_of_length_48(params)
     floor = inner._activation_bytes_floor(step_cfg, xs)
     # Now (a call running beside it) too little is free; before the calls, plenty was.
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: int(floor / 2))
@@ -718,12 +724,7 @@ def test_auto_remat_skips_compiling_a_plain_program_that_cannot_fit(params, monk
     from seal_jax import train_step as step_lib
 
     monkeypatch.setattr(step_lib, "REMAT_CHOICE", {})
-    ic = IC.replace(packing=False, length_buckets=(48,), epochs=1, remat=None)
-    plan = inner.build_plan(_candidates(3), None, ic, pad_id=PAD)
-    padded, step_cfg, rules, frozen, state = inner._prepare(
-        params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic, init_lora=None, mesh=None, rules=None,
-        abstract=True)
-    xs = padded.gather(0, 1, 48, ic.steps_per_chunk)
+    step_cfg, rules, frozen, state, xs = _one_chunk_of_length_48(params)
     plain, _ = inner._compile(step_cfg.with_remat(False), None, rules, frozen, state, xs)
     floor = inner._activation_bytes_floor(step_cfg, xs)
     assert 0 < floor <= inner._planned_bytes(plain)  # a floor: never forces remat on what fits
