@@ -208,9 +208,8 @@ def train_candidates(base_params, plan: TrainPlan, *, cfg: ModelConfig,
     _PLAIN_NEEDS_OF_CALL.clear()
     losses, norms = [], []
     for start, stop, xs in _chunk_batches(plan, c, packed):
-        fn, shape_key = _chunk_program(step_cfg, auto, mesh, rules, frozen, state, xs, limit=limit,
-                                       plain_needs=_PLAIN_NEEDS_OF_CALL)
-        step_lib.COMPILED_SHAPES.add(shape_key)
+        fn, _ = _chunk_program(step_cfg, auto, mesh, rules, frozen, state, xs, limit=limit,
+                               plain_needs=_PLAIN_NEEDS_OF_CALL)
         state, chunk_losses, chunk_norms = fn(frozen, state, xs, np.int32(stop - start))
         losses.append(chunk_losses[: stop - start])
         norms.append(chunk_norms[: stop - start])
@@ -622,7 +621,8 @@ def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compi
 def _chunk_program(step_cfg: StepConfig, remat_mode: Optional[str], mesh, rules, frozen, state, xs, *,
                    limit: Optional[int] = None, plain_needs: Optional[list] = None,
                    free: Optional[int] = None):
-    """(callable, COMPILED_SHAPES key) of the chunk program for these inputs. Under "auto", a plain
+    """(callable, COMPILED_SHAPES key) of the chunk program for these inputs, the key recorded in
+    COMPILED_SHAPES (by `_compile`, or here for a program jit compiles at its call). Under "auto", a plain
     program planning at least `limit` bytes is rematerialised; `plain_needs` collects the planned
     bytes of a plain program returned. `free`: the device's free bytes to decide remat by (None:
     measured now; a background precompile passes what was free before the calls began allocating)."""
@@ -828,9 +828,8 @@ class BackgroundCompile:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                            thread_name_prefix="precompile")
         self._futures: list = []
-        self._feeder = threading.Thread(target=self._feed, args=(iter(jobs),), name="precompile-plans",
-                                        daemon=True)
-        self._feeder.start()
+        threading.Thread(target=self._feed, args=(iter(jobs),), name="precompile-plans",
+                         daemon=True).start()
 
     def _feed(self, jobs) -> None:
         try:
