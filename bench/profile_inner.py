@@ -2,6 +2,15 @@
 
     python bench/profile_inner.py --model llama-3.2-1b --k 32 --out $OUT/profile.json
 
+    python bench/profile_inner.py --model smollm2-135m --k 128 --self-edits FILE --tokenizer DIR
+
+With --self-edits, the call profiled is the first call of the round's E-step (`bench/round.py`): the
+recorded self-edits of the first 50 passages x 5 edits x 3 reps, split and tokenized as the knowledge
+domain does, grouped by work (`inner.group_candidates`), and the group with the most work trained
+with the knowledge config's inner settings. The report then also counts optimizer steps and rows, so
+the wall time per step can be compared with the GPU's busy time per step (a gap is host or launch
+overhead, not kernels).
+
 Uses jax.profiler's perfetto trace (Chrome trace JSON; no TensorBoard plugin needed), keeps events on
 GPU stream tracks, and groups kernels by name into coarse classes (matmul, attention softmax,
 cross-entropy/logits, optimizer, copies, other) so a change can be aimed at the largest one.
@@ -53,16 +62,30 @@ def main(argv=None):
     ap.add_argument("--shuffle", default="shared")
     ap.add_argument("--buckets", default="64,128,256,512,1024,2048")
     ap.add_argument("--epochs", type=float, default=2)
+    ap.add_argument("--self-edits", default="", help="recorded self-edits JSON: profile the round's first call")
+    ap.add_argument("--tokenizer", default="embedded", help="tokenizer for --self-edits (a directory or 'embedded')")
+    ap.add_argument("--group", type=int, default=0, help="which call of the round (0: the most work)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.model).replace(param_dtype="bfloat16", compute_dtype="bfloat16")
     params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))
-    icfg = inner.InnerConfig(epochs=args.epochs, shuffle=args.shuffle,
-                             length_buckets=tuple(int(b) for b in args.buckets.split(",")))
-    plan = inner.build_plan(make_candidates(args.k, cfg.vocab_size),
-                            [{"seed": k} for k in range(args.k)], icfg, pad_id=0)
+    if args.self_edits:
+        from inner_selfedits import candidates as selfedit_candidates  # noqa: PLC0415
+        from seal_jax.model.loading import load_tokenizer  # noqa: PLC0415
+        tokenizer = load_tokenizer(args.tokenizer)
+        icfg = inner.InnerConfig(epochs=args.epochs, append_eos=True)  # the knowledge config's
+        cands = selfedit_candidates(tokenizer, args.self_edits, 50, 5, 3)
+        hparams = inner.pin_seeds(None, len(cands))
+        group = inner.group_candidates(cands, hparams, icfg, args.k)[args.group]
+        plan = inner.build_plan([cands[i] for i in group], [hparams[i] for i in group], icfg,
+                                pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+    else:
+        icfg = inner.InnerConfig(epochs=args.epochs, shuffle=args.shuffle,
+                                 length_buckets=tuple(int(b) for b in args.buckets.split(",")))
+        plan = inner.build_plan(make_candidates(args.k, cfg.vocab_size),
+                                [{"seed": k} for k in range(args.k)], icfg, pad_id=0)
     run = lambda: jax.block_until_ready(inner.train_candidates(  # noqa: E731
         params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=icfg).lora)
     run()  # compile
@@ -97,8 +120,13 @@ def main(argv=None):
     for name, us in per_kernel.items():
         by_class[classify(name)] += us
     steps = int(plan.num_steps)
+    kernels = sum(counts.values())
+    memcpy = {n: c for n, c in counts.items() if "memcpy" in n.lower()}
     report = {
         "model": args.model, "k": args.k, "steps": steps, "wall_s": wall,
+        "workload": "self-edits, call %d" % args.group if args.self_edits else "uniform",
+        "token_counts": {k: round(float(v), 4) for k, v in plan.token_counts().items()},
+        "kernels_per_step": round(kernels / steps, 1), "memcpy_calls": memcpy,
         "gpu_busy_s": total_us / 1e6, "ms_per_step_wall": 1e3 * wall / steps,
         "ms_per_step_gpu": total_us / 1e3 / steps,
         "by_class_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in by_class.most_common()},

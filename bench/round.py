@@ -210,6 +210,8 @@ def main():
     outcomes = score_self_edits(engine, domain, items, reps=args.reps, seed=0, phase="bench",
                                 progress=False)
     estep_s = time.perf_counter() - estep_start
+    # Printed now: a run cut later (its M-step, by a time limit) still shows the E-step's wall time.
+    print(f"[estep] {estep_s:.1f} s wall for {sum(len(o.records) for o in outcomes)} candidates", flush=True)
     records = [r for o in outcomes for r in o.records]
     trained = [r for r in records if not r.get("failed")]
     failed = [r for r in records if r.get("failed")]
