@@ -209,7 +209,7 @@ def test_an_e_step_with_fitted_k_scores_like_one_with_a_fixed_k(monkeypatch):
         return [o.records[0] for o in outcomes], calls
 
     fixed, fixed_calls = rewards(toy_engine(candidates_per_call=4))
-    assert fixed_calls == [4, 4, 1]
+    assert fixed_calls == [1, 4, 4]  # the least work first
     # A device whose memory holds every candidate: one call of all 9, each candidate trained alike
     # (its own seed; losses equal to rounding: another K batches the matmuls differently).
     monkeypatch.setattr(inner, "_free_device_bytes", lambda: 1 << 40)
@@ -219,6 +219,36 @@ def test_an_e_step_with_fitted_k_scores_like_one_with_a_fixed_k(monkeypatch):
         assert (a["seed"], a["steps"], a["failed"]) == (b["seed"], b["steps"], b["failed"])
         for key in ("first_loss", "last_loss"):
             assert_close_scaled(np.float32(a[key]), np.float32(b[key]), eps_multiple=64, what=key)
+
+
+def test_an_e_step_trains_its_calls_least_work_first(monkeypatch):
+    """The first call then needs only a few of the E-step's programs, which compile beside it."""
+    from seal_jax.estep import score_self_edits
+    from toy_domain import ToyDomain, Word
+
+    class SplitDomain(ToyDomain):  # a self-edit's ";"-separated parts are its training sequences
+        def build_candidate(self, ctx, self_edit):
+            seqs = [np.asarray(self.tokenizer.encode(f"{ctx.word}: {part}"), np.int32)
+                    for part in self_edit.split(";")]
+            return CandidateSpec(seqs, [np.ones(len(q), np.float32) for q in seqs])
+
+    items = [(Word(w), i, ";".join([f"note on {w}"] * (1 + (i * 5 + len(w)) % 4)))
+             for w in WORDS[:3] for i in range(4)]
+    engine = toy_engine(candidates_per_call=2)
+    work, seen = [], []
+    train = engine.train
+
+    def recording_train(specs, seeds, **kw):
+        # A call's work: its most optimizer steps (sequences x epochs, batch 1), then its longest row.
+        work.append(max((len(s.sequences), max(len(q) for q in s.sequences)) for s in specs))
+        seen.extend(seeds)
+        return train(specs, seeds, **kw)
+
+    monkeypatch.setattr(engine, "train", recording_train)
+    outcomes = score_self_edits(engine, SplitDomain(engine.tokenizer), items, reps=1, seed=5, phase="t",
+                                progress=False)
+    assert len(work) == 6 and work == sorted(work) and work[0] < work[-1]
+    assert sorted(seen) == sorted(r["seed"] for o in outcomes for r in o.records)  # each trained once
 
 
 def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
