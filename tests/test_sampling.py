@@ -204,6 +204,44 @@ def test_adapter_stacks_of_k_up_to_the_same_power_of_two_share_decode_programs(l
     assert decode.decode_segment._cache_size() == compiled
 
 
+def test_adapter_groups_fit_the_request_counts_not_the_largest():
+    # A paper E-step call: 128 candidates with 2-5 questions each, one passage with 10.
+    counts = np.array([5] * 70 + [4] * 33 + [3] * 18 + [2] * 4 + [10] * 3)
+    fill = lambda r: counts.sum() / (r * -(-counts // r)).sum()  # noqa: E731  busy share of row-slots
+    assert sampling_module.bucket(int(counts.max())) == 16 and fill(16) < 0.3  # the old rule
+    for share in (7.4e6 / 270e6, 40e6 / 15.2e9):  # a q,v rank-32 adapter over the 135M / 7B base
+        size = sampling_module.adapter_group_size(counts, 256, share)
+        assert size in (2, 3, 4, 6) and fill(size) > 0.7
+    # Reading an adapter per group costs more as groups multiply: at a share this large, fewer groups.
+    assert sampling_module.adapter_group_size(counts, 256, 1.0) >= 6
+    # One adapter (or none): one group as wide as its requests, as before.
+    assert sampling_module.adapter_group_size([20], 16, 0.0) == 16
+    assert sampling_module.adapter_group_size([0, 5, 0], 16, 0.3) == 8
+
+
+def test_groups_of_three_rows_decode_like_each_adapter_alone(llama, monkeypatch):
+    cfg, params = llama
+    adapter_index = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 4, 4, 4, 4, 4, 4]
+    lora = random_lora(cfg, LORA_CFG, 5, seed=12)
+    prompts = random_prompts(cfg, [3 + (5 * i) % 9 for i in range(len(adapter_index))], seed=9)
+    sizes = []
+    init = sampling_module._Rows.__init__
+
+    def recording_init(self, *a, **kw):
+        init(self, *a, **kw)
+        sizes.append(self.group_size)
+
+    monkeypatch.setattr(sampling_module._Rows, "__init__", recording_init)
+    got = generate(params, prompts, cfg=cfg, sampling=NO_STOP, lora=lora, lora_cfg=LORA_CFG,
+                   adapter_index=adapter_index, batch_size=12)
+    assert sizes == [3]  # not a power of two; adapter 4's six requests span two groups
+    for cand in range(5):
+        rows = [i for i, a in enumerate(adapter_index) if a == cand]
+        alone = generate(params, [prompts[i] for i in rows], cfg=cfg, sampling=NO_STOP,
+                         lora=jax.tree.map(lambda x: x[cand], lora), lora_cfg=LORA_CFG)
+        assert [got[i].token_ids for i in rows] == [g.token_ids for g in alone]
+
+
 def test_plan_row_groups_covers_every_row_once():
     rng = np.random.default_rng(0)
     adapters = rng.integers(0, 5, size=37)
