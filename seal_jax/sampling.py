@@ -324,7 +324,7 @@ def adapter_group_size(counts: Sequence[int], batch_size: int, adapter_share: fl
     rest), about that / (G * R) waves of steps; a step reads the base once and one adapter per group
     (`adapter_share`: an adapter's bytes over the base's). Ties go to the larger R. Rounding the
     largest adapter's count up to a power of two instead made one passage with 10 questions set
-    R=16 for a paper E-step call whose other candidates had 2-5 (28% of the rows busy; 57% without
+    R=16 for a paper E-step call whose other candidates had 2-5 (28% of the rows busy; 52% without
     it), where R=6 keeps 74% busy.
     """
     counts = np.asarray([c for c in counts if c > 0], np.int64)
