@@ -26,10 +26,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from inner_selfedits import DATA, candidates  # noqa: E402
+from inner_selfedits import DATA, candidates, random_preset  # noqa: E402
 from seal_jax import inner, sampling  # noqa: E402
 from seal_jax import lora as lora_lib  # noqa: E402
-from seal_jax.model import transformer  # noqa: E402
 from seal_jax.model.config import LoraConfig  # noqa: E402
 from seal_jax.model.loading import load_tokenizer  # noqa: E402
 from seal_jax.model.presets import get_preset  # noqa: E402
@@ -84,12 +83,7 @@ def main(argv=None):
     report["adapter_share"] = shares
 
     if args.time:
-        cfg = get_preset(args.time)
-        if cfg.vocab_size < tokenizer.vocab_size:
-            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-        if jax.default_backend() != "cpu":
-            cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
-        params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+        cfg, params = random_preset(args.time, tokenizer)
         g = groups[args.call]
         prompts, index = [], []
         for slot, i in enumerate(g):

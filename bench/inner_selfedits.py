@@ -50,6 +50,16 @@ def candidates(tokenizer, path, passages, edits, reps):
     return out
 
 
+def random_preset(name, tokenizer):
+    """(cfg, random params) of a preset, its vocabulary widened to the tokenizer's; bf16 off CPU."""
+    cfg = get_preset(name)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    if jax.default_backend() != "cpu":
+        cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    return cfg, transformer.init_params(cfg, jax.random.PRNGKey(0))
+
+
 def peak_memory_gib():
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -77,12 +87,7 @@ def main(argv=None):
 
     cfg, params, tokenizer = load_embedded()
     if args.model != "embedded":
-        cfg = get_preset(args.model)
-        if cfg.vocab_size < tokenizer.vocab_size:
-            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-        if jax.default_backend() != "cpu":
-            cfg = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
-        params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+        cfg, params = random_preset(args.model, tokenizer)
     lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))  # the knowledge config's adapter
     inner_cfg = inner.InnerConfig(append_eos=True, shuffle=args.shuffle,
                                   remat={"off": False, "on": True, "auto": None}[args.remat],
