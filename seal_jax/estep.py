@@ -136,7 +136,7 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                                     engine.settings.inner, k) if pending else []
     # Least work first. The programs compile beside the calls (below), and a call waits for its own:
     # the longest candidates step through the most row shapes (24 of the paper E-step's 28 programs
-    # at K=128), so a first call of them waited for nearly the whole compile (on an H200 107-116 s
+    # at K=128), so a first call of them waited for nearly the whole compile (on an H200 99-114 s
     # cold, 25-32 s with the cache), where the shortest need a few (10 at K=128, 2 at K=16) and the
     # rest compile while they train. The order of the calls changes no candidate's result.
     groups = groups[::-1]

@@ -38,6 +38,7 @@ import numpy as np
 from seal_jax import decode, sharding
 from seal_jax.lora import check_lora, num_candidates
 from seal_jax.model.tokenizer import resolve_pad_id
+from seal_jax.train_plan import row_buckets
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
 
@@ -306,15 +307,6 @@ def capacity_bucket(n: int) -> int:
         size *= 2
 
 
-def _group_sizes(maximum: int) -> list[int]:
-    """1, 2, 3, 4, 6, 8, 12, 16, ... up to `maximum`: few sizes, so few batch shapes compile."""
-    sizes, size = [], 1
-    while size <= maximum:
-        sizes.extend(s for s in (size, size * 3 // 2) if s <= maximum and s not in sizes)
-        size *= 2
-    return sizes
-
-
 def adapter_group_size(counts: Sequence[int], batch_size: int, adapter_share: float) -> int:
     """Rows R per adapter group of a decode batch of about `batch_size` rows (G = batch_size // R
     groups, each decoding with one adapter), chosen by a cost model of the whole decode.
@@ -331,7 +323,8 @@ def adapter_group_size(counts: Sequence[int], batch_size: int, adapter_share: fl
     if counts.size <= 1:  # one adapter (or none): every row serves it; one group as wide as needed
         return bucket(int(counts.sum()) if counts.size else 1, maximum=batch_size)
     best, best_cost = 1, float("inf")
-    for size in _group_sizes(max(1, int(batch_size))):
+    # The packed rows' ladder (1, 2, 3, 4, 6, 8, 12, ...): few sizes, so few batch shapes compile.
+    for size in (s for s in row_buckets(int(batch_size) + 1) if s <= batch_size):
         groups = max(1, batch_size // size)
         slots = int(np.sum(size * -(-counts // size)))
         cost = slots * (1.0 + groups * adapter_share) / (groups * size)

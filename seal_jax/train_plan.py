@@ -196,9 +196,10 @@ class PackedStepBatch:
     step: Int[np.ndarray, "C K"]
 
 
-def _row_buckets(limit: int = 1 << 14) -> tuple:
+def row_buckets(limit: int = 1 << 14) -> tuple:
     """1, 2, 3, 4, 6, 8, 12, 16, 24, ...: rows of a packed step are rounded up to one of these (each
-    distinct count is another compiled program, and on an H200 a 7B program compiles for ~2 minutes)."""
+    distinct count is another compiled program, and on an H200 a 7B program compiles for ~2 minutes).
+    The sampler's adapter groups take their sizes from the same ladder."""
     out, size = [1, 2, 3], 4
     while size < limit:
         out.extend((size, size * 3 // 2))
@@ -206,7 +207,7 @@ def _row_buckets(limit: int = 1 << 14) -> tuple:
     return tuple(out)
 
 
-ROW_BUCKETS = _row_buckets()
+ROW_BUCKETS = row_buckets()
 
 
 @dataclasses.dataclass(frozen=True)
