@@ -74,8 +74,8 @@ profile)
   for model in ${PROFILE_MODELS:-smollm2-135m}; do
     for k in ${PROFILE_KS:-128}; do
       timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_inner.py --model "$model" --k "$k" --epochs 2 \
-          --self-edits .peer/self_edits_qwen7b_train_iter0.json --tokenizer .tok \
-          --out "$OUT/profile_${model}_k$k.json" 2>&1 | grep -v '^W' | tail -n 30
+          --self-edits .peer/self_edits_qwen7b_train_iter0.json --tokenizer .tok ${PROFILE_ARGS:-} \
+          --out "$OUT/profile_${model}_k$k${PROFILE_TAG:-}.json" 2>&1 | grep -v '^W' | tail -n 30
     done
   done ;;
 round)

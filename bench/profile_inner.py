@@ -65,10 +65,12 @@ def main(argv=None):
     ap.add_argument("--self-edits", default="", help="recorded self-edits JSON: profile the round's first call")
     ap.add_argument("--tokenizer", default="embedded", help="tokenizer for --self-edits (a directory or 'embedded')")
     ap.add_argument("--group", type=int, default=0, help="which call of the round (0: the most work)")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (0: every layer)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.model).replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    cfg = cfg.replace(scan_unroll=args.scan_unroll or cfg.num_layers)
     params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))
     if args.self_edits:
@@ -123,7 +125,7 @@ def main(argv=None):
     kernels = sum(counts.values())
     memcpy = {n: c for n, c in counts.items() if "memcpy" in n.lower()}
     report = {
-        "model": args.model, "k": args.k, "steps": steps, "wall_s": wall,
+        "model": args.model, "k": args.k, "scan_unroll": cfg.scan_unroll, "steps": steps, "wall_s": wall,
         "workload": "self-edits, call %d" % args.group if args.self_edits else "uniform",
         "token_counts": {k: round(float(v), 4) for k, v in plan.token_counts().items()},
         "kernels_per_step": round(kernels / steps, 1), "memcpy_calls": memcpy,
@@ -132,9 +134,12 @@ def main(argv=None):
         "by_class_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in by_class.most_common()},
         "top_kernels": [{"name": n[:160], "ms_per_step": round(us / 1e3 / steps, 3), "calls": counts[n]}
                         for n, us in per_kernel.most_common(40)],
+        # Every kernel, per step (calls / steps): where the launches come from, not only the time.
+        "all_kernels": {n[:120]: [round(us / 1e3 / steps, 4), round(counts[n] / steps, 2)]
+                        for n, us in per_kernel.most_common()},
     }
     pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("top_kernels", "all_kernels")}, indent=1))
     for row in report["top_kernels"][:25]:
         print(f"{row['ms_per_step']:8.3f} ms/step  x{row['calls']:<5} {row['name'][:110]}")
 

@@ -185,12 +185,20 @@ class PackedStepBatch:
     """The inputs of packed optimizer steps (`InnerConfig.packing`), leaves [C, ...] for a chunk of C
     steps: the sequences of all K candidates at a step share R rows of T tokens. Segment j of a row
     (segment id j + 1; 0 = padding) is one sequence of candidate `row_adapters[r, j]`; its positions
-    restart at 0 and it attends only to itself."""
+    restart at 0 and it attends only to itself.
+
+    A step updates only its members: the candidates active at that step, at most U = min(K, R x M)
+    of them (each has a sequence in some slot). The device gathers their adapters and optimizer state,
+    trains and updates those, and writes them back, so a step costs its members, not all K of the call:
+    the longest candidates of a call run hundreds of steps after the others have finished.
+    """
 
     tokens: Int[np.ndarray, "C R T"]
     segments: Int[np.ndarray, "C R T"]
     loss_mask: Float[np.ndarray, "C R T"]  # target weight per token (0 at each sequence's first token)
     row_adapters: Int[np.ndarray, "C R M"]  # candidate of each segment slot (0 where unused)
+    members: Int[np.ndarray, "C U"]  # candidates this step updates, ascending; >= K where unused
+    row_members: Int[np.ndarray, "C R M"]  # member (index into `members`) of each slot, 0 where unused
     lr: Float[np.ndarray, "C K"]
     active: Bool[np.ndarray, "C K"]
     step: Int[np.ndarray, "C K"]
@@ -362,6 +370,20 @@ class TrainPlan:
         seg = np.zeros((pad_to, rows, length), np.int32)
         mask = np.zeros((pad_to, rows, length), np.float32)
         adapters = np.zeros((pad_to, rows, segments), np.int32)
+        active = np.zeros((pad_to, k_count), bool)
+        active[: stop - start] = self.active_KxS[:, start:stop].T
+        # Members: every candidate active at the step (each has a sequence in a slot, so at most
+        # R x M of them); all K in the odd chunk where that does not hold (one more program).
+        most = int(active.sum(axis=1).max(initial=0))
+        member_count = min(k_count, rows * segments) if most <= rows * segments else k_count
+        # Unused places hold K, K + 1, ...: out of range (never written back) and still distinct.
+        members = np.broadcast_to(k_count + np.arange(member_count, dtype=np.int32),
+                                  (pad_to, member_count)).copy()
+        member_of = np.zeros((pad_to, k_count), np.int32)
+        for c in range(stop - start):
+            ks = np.flatnonzero(active[c])
+            members[c, : len(ks)] = ks
+            member_of[c, ks] = np.arange(len(ks), dtype=np.int32)
         for c, s in enumerate(range(start, stop)):
             for k, b in zip(*np.nonzero(layout.row_KxSxB[:, s] >= 0)):
                 n = self.batch_index_KxSxB[k, s, b]
@@ -374,12 +396,12 @@ class TrainPlan:
                 adapters[c, row, slot] = k
         lr = np.zeros((pad_to, k_count), np.float32)
         lr[: stop - start] = self.lr_KxS[:, start:stop].T
-        active = np.zeros((pad_to, k_count), bool)
-        active[: stop - start] = self.active_KxS[:, start:stop].T
         step = np.broadcast_to(np.arange(start, start + pad_to, dtype=np.int32)[:, None],
                                (pad_to, k_count)).copy()
+        row_members = np.take_along_axis(member_of[:, None, :], adapters.reshape(pad_to, 1, -1),
+                                         axis=2).reshape(adapters.shape)
         return PackedStepBatch(tokens=tokens, segments=seg, loss_mask=mask, row_adapters=adapters,
-                               lr=lr, active=active, step=step)
+                               members=members, row_members=row_members, lr=lr, active=active, step=step)
 
     @property
     def packs_rows(self) -> bool:

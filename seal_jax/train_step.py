@@ -196,36 +196,63 @@ def _commit(state: TrainState, lr, active, step, loss, grads):
     return new_state, (jnp.where(was_running, loss, nan), jnp.where(was_running, grad_norm, nan))
 
 
-def _packed_objective(step_cfg: StepConfig, frozen, lora_K, x: PackedStepBatch):
-    """(sum over candidates of each one's mean target NLL, (NLL sums [K], target counts [K])) of one
-    packed step. Candidates share no parameter and no attention, so the gradient of the sum with
-    respect to candidate k's adapter is the gradient of candidate k's own loss."""
-    k_count = x.lr.shape[0]
-    lora_L = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), lora_K)  # [K, L, ...] -> [L, K, ...]
-    nll_RxT1 = next_token_nll(frozen, x.tokens, cfg=step_cfg.cfg, lora=lora_L, lora_cfg=step_cfg.lora_cfg,
+def _packed_objective(step_cfg: StepConfig, frozen, lora_U, x: PackedStepBatch):
+    """(sum over the step's members of each one's mean target NLL, (NLL sums [U], target counts [U]))
+    of one packed step. Candidates share no parameter and no attention, so the gradient of the sum
+    with respect to member u's adapter is the gradient of that candidate's own loss."""
+    member_count = x.members.shape[0]
+    rows, slots = x.row_members.shape
+    # Each slot's adapter, for all layers at once: one gather (and, backwards, one scatter-add) per
+    # step instead of one per layer. [U, L, ...] -> [L, R, M, ...], cast to the compute dtype first
+    # (the same values as casting per layer after the gather), so the transpose moves half the bytes.
+    slot_index = x.row_members.reshape(-1)
+
+    def per_slot(a):
+        a = jnp.take(a.astype(step_cfg.cfg.dtype), slot_index, axis=0)
+        return jnp.moveaxis(a.reshape(rows, slots, *a.shape[1:]), 2, 0)
+
+    lora_slots = jax.tree.map(per_slot, lora_U)
+    nll_RxT1 = next_token_nll(frozen, x.tokens, cfg=step_cfg.cfg, lora=lora_slots, lora_cfg=step_cfg.lora_cfg,
                               segment_ids_BxT=x.segments, chunk_tokens=step_cfg.loss_chunk_tokens,
-                              lora_rows_BxM=x.row_adapters)
+                              lora_rows_BxM=x.row_members)
     weight_RxT1 = x.loss_mask[:, 1:]
-    # The target token's segment names the candidate; padding (segment 0) goes to a dropped bin K.
+    # The target token's segment names the member; padding (segment 0) goes to a dropped bin U.
     seg_RxT1 = x.segments[:, 1:]
-    owner_RxT1 = jnp.where(seg_RxT1 > 0, jnp.take_along_axis(x.row_adapters, jnp.maximum(seg_RxT1 - 1, 0),
-                                                             axis=1), k_count)
+    owner_RxT1 = jnp.where(seg_RxT1 > 0, jnp.take_along_axis(x.row_members, jnp.maximum(seg_RxT1 - 1, 0),
+                                                             axis=1), member_count)
     # where, not a product: a 0-weight position of a non-finite neighbour must not turn into NaN.
     weighted = jnp.where(weight_RxT1 > 0, weight_RxT1 * nll_RxT1, 0.0).reshape(-1)
-    loss_sum_K = jax.ops.segment_sum(weighted, owner_RxT1.reshape(-1), k_count + 1)[:k_count]
-    count_K = jax.ops.segment_sum((weight_RxT1 > 0).astype(jnp.float32).reshape(-1),
-                                  owner_RxT1.reshape(-1), k_count + 1)[:k_count]
-    return jnp.sum(loss_sum_K / jnp.maximum(count_K, 1.0)), (loss_sum_K, count_K)
+    loss_sum_U = jax.ops.segment_sum(weighted, owner_RxT1.reshape(-1), member_count + 1)[:member_count]
+    count_U = jax.ops.segment_sum((weight_RxT1 > 0).astype(jnp.float32).reshape(-1),
+                                  owner_RxT1.reshape(-1), member_count + 1)[:member_count]
+    return jnp.sum(loss_sum_U / jnp.maximum(count_U, 1.0)), (loss_sum_U, count_U)
 
 
 def packed_train_step(step_cfg: StepConfig, frozen, state: TrainState, x: PackedStepBatch):
-    """One optimizer step of ALL K candidates whose sequences share packed rows: one forward and
-    backward pass over the rows, then each candidate's own update (`_commit`, vmapped over K)."""
+    """One optimizer step of the K candidates whose sequences share packed rows: the step's members
+    (`x.members`, the candidates active at it) are gathered from the call's state, take one forward
+    and backward pass over the rows and each its own update (`_commit`, vmapped over them), and are
+    written back. The others are untouched, as `_commit` would leave an inactive candidate."""
+    k_count = x.lr.shape[0]
+    members_U = x.members
+    is_member_U = members_U < k_count  # unused places hold K, K + 1, ...: read clipped, never written
+
+    def take(a):
+        return jnp.take(a, members_U, axis=0, mode="clip")
+
+    state_U = jax.tree.map(take, state)
     grad_fn = jax.value_and_grad(functools.partial(_packed_objective, step_cfg, frozen), has_aux=True)
-    (_, (loss_sum_K, count_K)), grads_K = grad_fn(state.params, x)
-    loss_K = loss_sum_K / jnp.maximum(count_K, 1.0)
-    grads_K = jax.tree.map(lambda g: g.astype(jnp.float32), grads_K)
-    return jax.vmap(_commit)(state, x.lr, x.active, x.step, loss_K, grads_K)
+    (_, (loss_sum_U, count_U)), grads_U = grad_fn(state_U.params, x)
+    loss_U = loss_sum_U / jnp.maximum(count_U, 1.0)
+    grads_U = jax.tree.map(lambda g: g.astype(jnp.float32), grads_U)
+    new_U, (loss_U, norm_U) = jax.vmap(_commit)(state_U, take(x.lr), take(x.active) & is_member_U,
+                                                take(x.step), loss_U, grads_U)
+
+    def put(full, part):  # members are distinct; the unused places (out of range) are dropped
+        return full.at[members_U].set(part, mode="drop", unique_indices=True)
+
+    nan_K = jnp.full((k_count,), jnp.nan, jnp.float32)
+    return jax.tree.map(put, state, new_U), (put(nan_K, loss_U), put(nan_K, norm_U))
 
 
 def run_packed_chunk(step_cfg: StepConfig, frozen, state: TrainState, xs: PackedStepBatch, num_valid):

@@ -105,6 +105,8 @@ def test_packed_gather_holds_every_candidate_sequence_with_its_adapter_and_targe
                                               plan.tokens_KxNxT[k, n, :size])
                 assert (batch.segments[c, row, col:col + size] == slot + 1).all()
                 assert batch.row_adapters[c, row, slot] == k
+                # The step updates its members only, and the slot names the candidate's member.
+                assert batch.members[c, batch.row_members[c, row, slot]] == k
                 # Targets as in the candidate's own row, except its first token (no prefix).
                 assert batch.loss_mask[c, row, col] == 0
                 np.testing.assert_array_equal(batch.loss_mask[c, row, col + 1:col + size],
@@ -115,7 +117,28 @@ def test_packed_gather_holds_every_candidate_sequence_with_its_adapter_and_targe
                    for s in range(start, stop) for k, b in zip(*np.nonzero(plan.batch_index_KxSxB[:, s] >= 0))
                    if plan.active_KxS[k, s])
         assert int((batch.segments > 0).sum()) == real
+        # Members: exactly the candidates active at each step, ascending, then distinct places
+        # out of range (never written back); at most one per slot.
+        assert batch.members.shape == (ic.steps_per_chunk, min(plan.num_candidates, rows * slots))
+        for c, s in enumerate(range(start, stop)):
+            active = np.flatnonzero(plan.active_KxS[:, s])
+            np.testing.assert_array_equal(batch.members[c, :len(active)], active)
+            assert (batch.members[c, len(active):] >= plan.num_candidates).all()
+            assert len(set(batch.members[c].tolist())) == batch.members.shape[1]
     assert seen == int(((plan.batch_index_KxSxB >= 0) & plan.active_KxS[..., None]).sum())
+
+
+def test_a_packed_step_with_more_active_candidates_than_slots_updates_them_all():
+    # An active candidate without a sequence at a step (not produced by build_plan, but the step must
+    # still update it as the row-per-candidate path does): all K become the step's members.
+    plan = inner.build_plan(_candidates(), HPARAMS, IC, pad_id=PAD)
+    late = int(plan.num_steps_K.max()) - 1
+    plan.active_KxS[:, late] = True
+    start, stop, length, rows, slots = next(c for c in plan.packed_chunks(IC.steps_per_chunk)
+                                            if c[0] <= late < c[1])
+    assert rows * slots < plan.num_candidates
+    batch = plan.gather_packed(start, stop, length, rows, slots, IC.steps_per_chunk)
+    np.testing.assert_array_equal(batch.members[late - start], np.arange(plan.num_candidates))
 
 
 def test_packed_rows_train_as_a_row_per_candidate_does(params):
@@ -125,6 +148,9 @@ def test_packed_rows_train_as_a_row_per_candidate_does(params):
     assert any(r > 1 for _, _, _, r, _ in plan.packed_chunks(ic.steps_per_chunk))
     assert (plan.packed_layout().rows_S < plan.num_candidates).any()  # rows really are shared
     assert plan.packs_rows  # and the call trains in them
+    # Late steps update fewer members than the call has candidates (the others are left alone).
+    assert any(plan.gather_packed(*chunk, ic.steps_per_chunk).members.shape[1] < plan.num_candidates
+               for chunk in plan.packed_chunks(ic.steps_per_chunk))
     packed = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
     rows_ic = ic.replace(packing=False)
     rows = inner.train_candidates(params, inner.build_plan(_candidates(), HPARAMS, rows_ic, pad_id=PAD),

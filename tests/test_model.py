@@ -214,6 +214,15 @@ def test_packed_rows_with_per_segment_adapters_equal_each_sequence_alone(qwen):
         alone = fwd(params, jnp.asarray(seq)[None], cfg=cfg,
                     lora=jax.tree.map(lambda x: x[:, k], adapters), lora_cfg=lora_cfg)[0]
         assert_close_scaled(out[r, col:col + len(seq)], alone, eps_multiple=128, what=f"segment of {k}")
+    # The same adapters already laid out per slot ([L, B, M, ...], as the inner loop gathers them
+    # once per step): the same function.
+    per_slot = jax.tree.map(lambda x: x[:, rows], adapters)
+    slot_out = fwd(params, jnp.asarray(tokens), cfg=cfg, lora=per_slot, lora_cfg=lora_cfg,
+                   segment_ids_BxT=jnp.asarray(segments), lora_rows_BxM=jnp.asarray(rows))
+    assert_close_scaled(slot_out, out, eps_multiple=16, what="per-slot layout")
+    with pytest.raises(ValueError, match="per slot"):
+        fwd(params, jnp.asarray(tokens), cfg=cfg, lora=per_slot, lora_cfg=lora_cfg,
+            segment_ids_BxT=jnp.asarray(segments), lora_rows_BxM=jnp.asarray(rows[:, :2]))
     with pytest.raises(ValueError, match="segment_ids"):
         fwd(params, jnp.asarray(tokens), cfg=cfg, lora=adapters, lora_cfg=lora_cfg,
             lora_rows_BxM=jnp.asarray(rows))

@@ -137,12 +137,16 @@ def _lora_delta_rows(x_BxTxI, a_KxIxR, b_KxRxO, rows):
     rows = (adapter of each segment slot [B, M], slot mask [B, T, M]). Each row gathers the M
     adapters of its segments, every token is multiplied by all M and keeps its own slot's product:
     M x rank extra columns per token (M = 16, rank 32: ~2.5% of a 7B's q/v FLOPs), not K x rank as a
-    one-hot over all K candidates would cost.
+    one-hot over all K candidates would cost. Adapters already laid out per slot ([B, M, in, r], the
+    inner loop gathers them once per step for all layers) are used as they are.
     """
     dtype = x_BxTxI.dtype
     rows_BxM, slot_BxTxM = rows
-    a_BxMxIxR = jnp.take(a_KxIxR.astype(dtype), rows_BxM, axis=0)
-    b_BxMxRxO = jnp.take(b_KxRxO.astype(dtype), rows_BxM, axis=0)
+    if a_KxIxR.ndim == 4:  # per slot already: [B, M, in, r] / [B, M, r, out]
+        a_BxMxIxR, b_BxMxRxO = a_KxIxR.astype(dtype), b_KxRxO.astype(dtype)
+    else:
+        a_BxMxIxR = jnp.take(a_KxIxR.astype(dtype), rows_BxM, axis=0)
+        b_BxMxRxO = jnp.take(b_KxRxO.astype(dtype), rows_BxM, axis=0)
     h_BxTxMxR = jnp.einsum("bti,bmir->btmr", x_BxTxI, a_BxMxIxR)
     h_BxTxMxR = jnp.where(slot_BxTxM[..., None], h_BxTxMxR, jnp.zeros((), dtype))
     return jnp.einsum("btmr,bmro->bto", h_BxTxMxR, b_BxMxRxO)
@@ -510,9 +514,14 @@ def _check_forward_lora_rows(cfg: ModelConfig, lora, lora_cfg: Optional[LoraConf
                              lora_rows_BxM) -> None:
     if lora is None or segment_ids_BxT is None:
         raise ValueError("lora_rows_BxM (packed rows) needs `lora` ([L, K, ...] adapters) and segment_ids")
-    # [L, K, in, r] here; check_lora knows the candidate-leading layout, so check its transpose.
-    check_lora(jax.tree.map(lambda a: jax.ShapeDtypeStruct((a.shape[1], a.shape[0], *a.shape[2:]),
-                                                           a.dtype), lora),
+    slot_layout = {a.ndim for a in jax.tree.leaves(lora)} == {5}
+    if slot_layout and any(a.shape[1:3] != tuple(lora_rows_BxM.shape) for a in jax.tree.leaves(lora)):
+        raise ValueError(f"adapters laid out per slot ([L, B, M, ...]) must match lora_rows_BxM "
+                         f"{tuple(lora_rows_BxM.shape)}")
+    # [L, K, in, r] (or [L, B, M, in, r] per slot) here; check_lora knows the candidate-leading
+    # layout, so check its transpose.
+    check_lora(jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        (int(np.prod(a.shape[1:a.ndim - 2])), a.shape[0], *a.shape[-2:]), a.dtype), lora),
                cfg, lora_cfg, candidate_axis=True)
     if lora_rows_BxM.shape[0] != segment_ids_BxT.shape[0]:
         raise ValueError(f"lora_rows_BxM has {lora_rows_BxM.shape[0]} rows, the tokens "
@@ -527,7 +536,8 @@ def forward(params: Params, tokens_BxT, *, cfg: ModelConfig, lora: Optional[Lora
     segment_ids (0 = padding): a query attends to earlier-or-equal keys of its own non-zero segment.
     positions default to the index within each segment (so packed segments restart at 0).
     lora_rows_BxM (packed rows of several adapters): `lora` is [L, K, in, r] / [L, K, r, out] and
-    the tokens of segment j + 1 of row b use adapter `lora_rows_BxM[b, j]` (no dropout).
+    the tokens of segment j + 1 of row b use adapter `lora_rows_BxM[b, j]` (no dropout); or `lora`
+    is already per slot, [L, B, M, in, r] / [L, B, M, r, out], and those tokens use `lora[:, b, j]`.
     """
     _check_lora_inputs(cfg, lora, lora_cfg, tokens_BxT.shape[0], segment_ids_BxT, lora_rows_BxM)
     ctx = _forward_ctx(cfg, tokens_BxT, positions_BxT, segment_ids_BxT, lora_rows_BxM)
