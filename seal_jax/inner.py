@@ -34,6 +34,7 @@ Loss conventions (`InnerConfig`):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -613,7 +614,9 @@ def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compi
             # called directly: a later trace of the same function need not reuse this lowering (jit's
             # caches key on the traced jaxpr object), so jit could compile it again.
             jitted = fn if hasattr(fn, "lower") else fn.__wrapped__
-            compiled = jitted.lower(frozen, state, xs, np.int32(0)).compile()
+            with _lowering_turn():
+                lowered = jitted.lower(frozen, state, xs, np.int32(0))
+            compiled = lowered.compile()
             step_lib.PRECOMPILED[shape_key] = compiled
             step_lib.COMPILED_SHAPES.add(shape_key)
     return compiled, shape_key
@@ -805,6 +808,64 @@ def precompile(base_params, plans: Sequence[TrainPlan], *, cfg: ModelConfig,
                             mesh=mesh, rules=rules, workers=workers).wait()
 
 
+class LoweringOrder:
+    """Background compile jobs trace and lower their program one at a time, in job order.
+
+    Tracing and lowering are Python and hold the GIL (~0.9 s a program on a CPU; with the compilation
+    cache warm they are nearly all of a program's time); XLA's compile releases it. Lowered by
+    parallel threads, the GIL went round-robin over all of them, so every program was ready at about
+    the same time, after nearly all of them: on an H200 with the cache warm the E-step's first call,
+    which needs 2-10 of its 28 programs, still waited 26-30 s for all of them. In job order (the
+    order the calls need them), the first call's programs are lowered first; their compiles still run
+    in parallel with the next lowerings. A job's turn ends after its first lowering (a remat choice
+    may lower a second program: that one goes unordered) or when it ends without one.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = 0
+        self._finished: set = set()
+        self._open = False
+
+    def wait(self, ticket: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._open or self._next == ticket)
+
+    def finish(self, ticket: int) -> None:
+        with self._cond:
+            self._finished.add(ticket)
+            while self._next in self._finished:
+                self._finished.discard(self._next)
+                self._next += 1
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        """Let every waiting job lower now (cancelled jobs never take their turn)."""
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+
+# The ticket of the background job running on this thread (`LoweringOrder`), unset elsewhere.
+_JOB_TICKET = threading.local()
+
+
+@contextlib.contextmanager
+def _lowering_turn():
+    """Around a trace + lower: in a background compile job, its first one waits for the job's turn
+    and ends it; anywhere else (a call's own compile) it runs at once."""
+    order, ticket = getattr(_JOB_TICKET, "order", None), getattr(_JOB_TICKET, "ticket", None)
+    if order is None:
+        yield
+        return
+    _JOB_TICKET.order = None  # later lowerings of this job are not ordered
+    order.wait(ticket)
+    try:
+        yield
+    finally:
+        order.finish(ticket)
+
+
 class BackgroundCompile:
     """Chunk programs compiling in worker threads, in the order the calls will first need them.
 
@@ -829,6 +890,7 @@ class BackgroundCompile:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                            thread_name_prefix="precompile")
         self._futures: list = []
+        self._order = LoweringOrder()
         threading.Thread(target=self._feed, args=(iter(jobs),), name="precompile-plans",
                          daemon=True).start()
 
@@ -840,7 +902,7 @@ class BackgroundCompile:
                         break
                     self._pending += 1
                     self.programs += 1
-                    future = self._pool.submit(job)
+                    future = self._pool.submit(self._run_in_order, self.programs - 1, job)
                     self._futures.append(future)
                 future.add_done_callback(self._job_done)
         except Exception as e:  # noqa: BLE001 - planning failed: the calls plan (and report) themselves
@@ -849,6 +911,15 @@ class BackgroundCompile:
         finally:
             self._pool.shutdown(wait=False)  # the threads end after the last job
             self._job_done(None)
+
+    def _run_in_order(self, ticket: int, job: Callable[[], None]) -> None:
+        _JOB_TICKET.order, _JOB_TICKET.ticket = self._order, ticket
+        try:
+            job()
+        finally:
+            if _JOB_TICKET.order is not None:  # ended without lowering: the turn passes on
+                _JOB_TICKET.order = None
+                self._order.finish(ticket)
 
     def _job_done(self, _future) -> None:
         with self._lock:
@@ -887,6 +958,7 @@ class BackgroundCompile:
             futures = list(self._futures)
         for future in futures:
             future.cancel()
+        self._order.open()  # a cancelled job never takes its turn: the running ones go on without it
         return self.wait()
 
 

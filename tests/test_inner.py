@@ -6,6 +6,7 @@ tests share a few shapes: one length bucket (64), K in {1, 4}, steps_per_chunk 8
 import functools
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -679,6 +680,32 @@ def test_calls_run_beside_a_background_precompile_and_compile_no_program_twice(p
         for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_background_jobs_lower_one_at_a_time_in_the_order_the_calls_need_them():
+    # Tracing + lowering hold the GIL: lowered by all workers at once, every program was ready at
+    # about the same time, after nearly all of them. Later jobs here reach their lowering first; a job
+    # that never lowers, or fails before it does, passes its turn on.
+    events = []
+
+    def job(i, delay, lowers=True, fails=False):
+        def run():
+            time.sleep(delay)
+            if fails:
+                raise RuntimeError("planning failed")
+            if lowers:
+                with inner._lowering_turn():
+                    events.append(("start", i))
+                    time.sleep(0.01)
+                    events.append(("end", i))
+        return run
+
+    jobs = [job(i, 0.04 * (6 - i), lowers=i != 2, fails=i == 4) for i in range(6)]
+    with inner._lowering_turn():  # outside a background job (a call's own compile): no turn to wait for
+        pass
+    compiling = inner.BackgroundCompile(iter(jobs), workers=6)
+    assert compiling.wait() == 0 and compiling.programs == 6
+    assert events == [(edge, i) for i in (0, 1, 3, 5) for edge in ("start", "end")]
 
 
 def test_a_cancelled_background_precompile_stops_and_reports_done(params):
