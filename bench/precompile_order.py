@@ -31,34 +31,23 @@ sys.path.insert(0, str(REPO / "bench"))
 EDITS = REPO.parent / "shared" / "data" / "squad" / "self_edits_qwen7b_train_iter0.json"
 
 
-def _plans(args):
-    from inner_selfedits import candidates as selfedit_candidates  # noqa: PLC0415
-    from seal_jax import inner  # noqa: PLC0415
+def _setup(args):
+    """(cfg, random params, LoRA config, the E-step's plans in call order, inner config)."""
+    from inner_selfedits import candidates as selfedit_candidates, random_preset  # noqa: PLC0415
+    from seal_jax import compile_cache, inner  # noqa: PLC0415
+    from seal_jax.model.config import LoraConfig  # noqa: PLC0415
     from seal_jax.model.loading import load_tokenizer  # noqa: PLC0415
 
+    compile_cache.enable(args.cache)
     tokenizer = load_tokenizer(args.tokenizer)
+    cfg, params = random_preset(args.model, tokenizer)
+    lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))  # the knowledge config's adapter
     icfg = inner.InnerConfig(epochs=args.epochs, append_eos=True)  # the knowledge config's
     cands = selfedit_candidates(tokenizer, args.self_edits, 50, 5, 3)
     hparams = inner.pin_seeds(None, len(cands))
-    groups = inner.group_candidates(cands, hparams, icfg, args.k)[::-1]  # least work first
+    groups = inner.group_candidates(cands, hparams, icfg, args.k)[::-1]  # least work first, as the E-step
     plans = [inner.build_plan([cands[i] for i in g], [hparams[i] for i in g], icfg,
                               pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id) for g in groups]
-    return plans, icfg
-
-
-def _setup(args):
-    import jax  # noqa: PLC0415
-
-    from seal_jax import compile_cache  # noqa: PLC0415
-    from seal_jax.model import transformer  # noqa: PLC0415
-    from seal_jax.model.config import LoraConfig  # noqa: PLC0415
-    from seal_jax.model.presets import get_preset  # noqa: PLC0415
-
-    compile_cache.enable(args.cache)
-    cfg = get_preset(args.model)
-    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-    lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))
-    plans, icfg = _plans(args)
     return cfg, params, lora_cfg, plans, icfg
 
 
