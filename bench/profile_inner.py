@@ -66,11 +66,12 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="embedded", help="tokenizer for --self-edits (a directory or 'embedded')")
     ap.add_argument("--group", type=int, default=0, help="which call of the round (0: the most work)")
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (0: every layer)")
+    ap.add_argument("--attention", default="xla", help="ModelConfig.attention_impl: xla, cudnn or auto")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.model).replace(param_dtype="bfloat16", compute_dtype="bfloat16")
-    cfg = cfg.replace(scan_unroll=args.scan_unroll or cfg.num_layers)
+    cfg = cfg.replace(scan_unroll=args.scan_unroll or cfg.num_layers, attention_impl=args.attention)
     params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))
     if args.self_edits:
@@ -88,9 +89,18 @@ def main(argv=None):
                                  length_buckets=tuple(int(b) for b in args.buckets.split(",")))
         plan = inner.build_plan(make_candidates(args.k, cfg.vocab_size),
                                 [{"seed": k} for k in range(args.k)], icfg, pad_id=0)
-    run = lambda: jax.block_until_ready(inner.train_candidates(  # noqa: E731
-        params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=icfg).lora)
-    run()  # compile
+    # The call's programs compile as the E-step compiles them (threads, in first-use order): the
+    # compile time of a cold round's first call, for this model, attention and XLA flags.
+    t0 = time.perf_counter()
+    programs = inner.precompile(params, [plan], cfg=cfg, lora_cfg=lora_cfg, inner_cfg=icfg)
+    precompile_s = time.perf_counter() - t0
+
+    def run():
+        result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=icfg)
+        jax.block_until_ready(result.lora)
+        return result
+
+    first = run()  # dispatches the compiled programs once (and compiles any precompile missed)
     t0 = time.perf_counter()
     run()
     wall = time.perf_counter() - t0
@@ -128,6 +138,11 @@ def main(argv=None):
         "model": args.model, "k": args.k, "scan_unroll": cfg.scan_unroll, "steps": steps, "wall_s": wall,
         "workload": "self-edits, call %d" % args.group if args.self_edits else "uniform",
         "token_counts": {k: round(float(v), 4) for k, v in plan.token_counts().items()},
+        "attention": args.attention, "programs": programs, "precompile_s": round(precompile_s, 1),
+        # Each candidate's loss at its last step: compared between runs of other settings (e.g.
+        # attention implementations), it shows they train the same function.
+        "last_losses": [None if v is None else round(v, 5) for v in (
+            next((float(x) for x in reversed(row) if x == x), None) for row in first.losses)],
         "kernels_per_step": round(kernels / steps, 1), "memcpy_calls": memcpy,
         "gpu_busy_s": total_us / 1e6, "ms_per_step_wall": 1e3 * wall / steps,
         "ms_per_step_gpu": total_us / 1e3 / steps,
@@ -139,7 +154,8 @@ def main(argv=None):
                         for n, us in per_kernel.most_common()},
     }
     pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k not in ("top_kernels", "all_kernels")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("top_kernels", "all_kernels", "last_losses")},
+                     indent=1))
     for row in report["top_kernels"][:25]:
         print(f"{row['ms_per_step']:8.3f} ms/step  x{row['calls']:<5} {row['name'][:110]}")
 

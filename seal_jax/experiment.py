@@ -28,6 +28,7 @@ from seal_jax.domain import Domain
 from seal_jax.engine import Engine, EngineSettings
 from seal_jax.estep import done_records
 from seal_jax.model.config import LoraConfig
+from seal_jax.model.transformer import ATTENTION_IMPLS
 from seal_jax.rest_em import RoundConfig
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,10 @@ def build_engine(c, engine_cls: type = Engine) -> Engine:
     if unroll < 0:
         raise ConfigError(f"scan_unroll must be >= 0 (0: every layer), got {unroll}")
     cfg = cfg.replace(scan_unroll=unroll or cfg.num_layers)
+    attention = c.get("attention_impl", "") or cfg.attention_impl
+    if attention not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    cfg = cfg.replace(attention_impl=attention)
     if tokenizer is None:
         raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer='embedded', a .gguf or an "
                           "HF dir with tokenizer.json")

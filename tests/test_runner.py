@@ -230,3 +230,18 @@ def test_scan_unroll_reaches_the_model_and_zero_unrolls_every_layer(tmp_path):
     c.scan_unroll = -1
     with pytest.raises(ConfigError, match="scan_unroll"):
         experiment.build_engine(c)
+
+
+def test_attention_impl_reaches_the_model_and_an_unknown_one_is_a_config_error(tmp_path):
+    from seal_jax import experiment
+    from seal_jax.config import ConfigError
+    from test_fault_injection import write_tiny_model_dir
+
+    c = tiny_config(**{"compile_cache": False})
+    c.model = str(write_tiny_model_dir(tmp_path / "model"))
+    assert experiment.build_engine(c).cfg.attention_impl == "xla"  # "": the model's own
+    c.attention_impl = "auto"
+    assert experiment.build_engine(c).cfg.attention_impl == "auto"
+    c.attention_impl = "flash"
+    with pytest.raises(ConfigError, match="attention_impl"):
+        experiment.build_engine(c)
