@@ -17,6 +17,7 @@ A candidate ends in one of four states, all recorded:
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -83,7 +84,8 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                      on_record: Optional[Callable[[dict], None]] = None,
                      build: Optional[Callable[[Any, str], Any]] = None,
                      progress: bool = True, config_hash: str = "",
-                     adapter_root: Optional[pathlib.Path] = None) -> list[EditOutcome]:
+                     adapter_root: Optional[pathlib.Path] = None,
+                     evaluations_ahead: int = 3) -> list[EditOutcome]:
     """Reward of each (context, edit_index, self_edit) = mean adapted score over `reps`.
 
     `done` maps (phase, context_id, edit_index, rep) -> an already written record (resume): those
@@ -91,12 +93,16 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
     `build(context, text)` replaces `domain.build_candidate` (e.g. the passage-only baseline).
     `adapter_root`: also write each trained candidate's adapter there as a PEFT directory
     (`adapter_path`), so chosen adapters can be exported after the run.
+    `evaluations_ahead`: how many trained calls may wait for their evaluation while the next calls
+    train (at least 1: then call i+2 trains only after call i is evaluated).
 
     Every record carries a content `key` (`seal_jax.rundir.record_key`: the self-edit text, phase,
     context, edit index, rep, seed, and a hash of the engine's LoRA/inner settings plus `config_hash`),
     and a done record is reused only when its key matches: a stale record can never score a
     different self-edit that landed on the same position.
     """
+    if evaluations_ahead < 1:
+        raise ValueError(f"evaluations_ahead must be >= 1, got {evaluations_ahead}")
     build = build or domain.build_candidate
     done = done or {}
     salt = candidate_config_hash(engine, config_hash)
@@ -184,27 +190,35 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
     compiling = engine.start_precompile_training(
         [([pending[j][2] for j in g], [pending[j][4] for j in g]) for g in groups]) if groups else None
     # The evaluation of call i (generate on the device, decode and grade on the host, write records)
-    # runs in a worker thread while the main thread builds and dispatches the training of call i+1:
-    # the host work of one overlaps the device work of the other. One worker keeps records in call order.
+    # runs in a worker thread while the main thread trains the next calls: the host work of one
+    # overlaps the device work of the other. One worker keeps records in call order. Up to
+    # `evaluations_ahead` trained calls may wait for it, so that a slow evaluation (the first one
+    # compiles the decode programs: 34-42 s on an H200, cold) does not hold the training of the
+    # calls behind it. Each waiting call keeps its K adapters on the device (the 7B's 32: ~1.3 GB).
     with contextlib.ExitStack() as stack, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="estep-eval") as pool:
         if compiling is not None:  # a stopped or failed E-step drops the compiles not yet started
             stack.callback(compiling.cancel)
-        evaluating = None
+        evaluations: collections.deque = collections.deque()
+
+        def settle(keep: int) -> None:
+            """Wait (in call order) until at most `keep` evaluations are unfinished; finished ones
+            re-raise their error here, in order."""
+            while evaluations and (len(evaluations) > keep or evaluations[0].done()):
+                evaluations.popleft().result()
+
         for group in groups:
-            if interrupt.stop_requested() and evaluating is not None:
-                evaluating.result()  # the in-flight call's records reach the disk before the stop
+            if interrupt.stop_requested():
+                settle(0)  # the trained calls' records reach the disk before the stop
             # A stop requested by SIGINT/SIGTERM takes effect here, between calls.
             interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
             chunk = [pending[j] for j in group]
             bar.set_postfix_str(f"training {len(chunk)}, {recorded}/{len(pending)} candidates done")
             result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
             bar.update(1)
-            if evaluating is not None:
-                evaluating.result()  # re-raises an evaluation error here, in order
-            evaluating = pool.submit(evaluate_and_record, chunk, result)
-        if evaluating is not None:
-            evaluating.result()
+            settle(evaluations_ahead - 1)
+            evaluations.append(pool.submit(evaluate_and_record, chunk, result))
+        settle(0)
     bar.close()
     interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
 

@@ -251,6 +251,56 @@ def test_an_e_step_trains_its_calls_least_work_first(monkeypatch):
     assert sorted(seen) == sorted(r["seed"] for o in outcomes for r in o.records)  # each trained once
 
 
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_a_slow_evaluation_holds_the_training_only_evaluations_ahead_calls_later(monkeypatch, ahead):
+    """The first evaluation (cold, it compiles the decode programs) blocks until the calls it must
+    not hold have trained: 1 + `ahead` of them run before it ends, the next one only after. Records
+    still come for every call, and an evaluation's error still reaches the caller."""
+    import threading
+
+    from seal_jax import estep
+    from toy_domain import ToyDomain, Word
+
+    items = [(Word(w), i, f"note {i} on {w}" + " more" * i) for w in WORDS[:2] for i in range(4)]
+    engine = toy_engine(candidates_per_call=2)  # 4 calls
+    events, trained = [], threading.Event()
+    train, evaluate = engine.train, estep.evaluate_contexts
+
+    def recording_train(specs, seeds, **kw):
+        result = train(specs, seeds, **kw)
+        events.append("train")
+        if events.count("train") == 1 + ahead:
+            trained.set()
+        return result
+
+    def slow_first_evaluate(*a, **kw):
+        if "evaluate" not in events:
+            events.append("waited" if trained.wait(timeout=60) else "timed out")
+        events.append("evaluate")
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(engine, "train", recording_train)
+    monkeypatch.setattr(estep, "evaluate_contexts", slow_first_evaluate)
+    records = []
+    outcomes = estep.score_self_edits(engine, ToyDomain(engine.tokenizer), items, reps=1, seed=5,
+                                      phase="t", progress=False, evaluations_ahead=ahead,
+                                      on_record=records.append)
+    # ahead=1: call 2 trains beside the first evaluation, call 3 after it; ahead=3: calls 2-4 beside it.
+    assert events[:ahead + 3] == ["train"] * (ahead + 1) + ["waited", "evaluate"]
+    assert len(records) == 8 and all(o.records for o in outcomes)
+
+    def failing_evaluate(*a, **kw):
+        raise RuntimeError("grader down")
+
+    monkeypatch.setattr(estep, "evaluate_contexts", failing_evaluate)
+    with pytest.raises(RuntimeError, match="grader down"):
+        estep.score_self_edits(engine, ToyDomain(engine.tokenizer), items, reps=1, seed=6, phase="u",
+                               progress=False, evaluations_ahead=ahead)
+    with pytest.raises(ValueError, match="evaluations_ahead"):
+        estep.score_self_edits(engine, ToyDomain(engine.tokenizer), items, reps=1, seed=6, phase="u",
+                               progress=False, evaluations_ahead=0)
+
+
 def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
     engine = toy_engine(candidates_per_call=4)
     assert engine.settings.inner.candidate_buckets == (1, 2, 4)

@@ -241,17 +241,23 @@ def _xla_attention(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
 
 
-def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-    """Grouped-query attention over a boolean mask; rows with no visible key return zeros."""
+def attention(cfg: ModelConfig, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, *, causal: bool = False):
+    """Grouped-query attention over a boolean mask; rows with no visible key return zeros.
+
+    `causal`: the mask is within the causal one, queries and keys being the same positions (no KV
+    cache), which lets cuDNN skip the blocks above the diagonal; the mask decides either way."""
     batch, t, n_heads, head_dim = q_BxTxNxH.shape
     n_kv = k_BxSxKxH.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
     impl = select_attention_impl(cfg.attention_impl, dtype=q_BxTxNxH.dtype, head_dim=head_dim,
                                  q_len=t, kv_len=k_BxSxKxH.shape[1])
     if impl == "cudnn":
+        # The mask goes to every head: jax's batching rule for cuDNN attention (the inner loop vmaps
+        # it over candidates) reshapes it to [B, N, T, S] and cannot broadcast a [B, 1, T, S] one.
+        mask_BxNxTxS = jnp.broadcast_to(mask_BxTxS[:, None], (batch, n_heads, t, mask_BxTxS.shape[-1]))
         out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=scale,
-            implementation="cudnn")
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxNxTxS, scale=scale,
+            is_causal=causal and t == k_BxSxKxH.shape[1], implementation="cudnn")
     else:
         q_BxTxKxGxH = q_BxTxNxH.reshape(batch, t, n_kv, n_heads // n_kv, head_dim)
         chunk = _query_chunk(t, k_BxSxKxH.shape[1])
@@ -303,7 +309,7 @@ class Attention(nn.Module):
             v_BxTxKxH = jax.lax.dynamic_update_slice(xs["v"], v_BxTxKxH.astype(xs["v"].dtype), start)
             new_cache = {"k": k_BxTxKxH, "v": v_BxTxKxH}
         out = attention(cfg, q_BxTxNxH, k_BxTxKxH.astype(cfg.dtype), v_BxTxKxH.astype(cfg.dtype),
-                        ctx["mask"])
+                        ctx["mask"], causal="k" not in xs)
         out = proj(cfg.hidden_size, name="o")(out.reshape(batch, t, cfg.q_dim), lora.get("o"), rows)
         return out, new_cache
 
