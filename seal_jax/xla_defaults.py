@@ -4,7 +4,15 @@
 (jax 0.11.2) the 7B inner loop ran within 1% of Triton's step time (0.575 s per candidate on cuBLAS,
 0.571 s on Triton, K=16) but compiled in 17.5 s instead of 27.2 s, and the paper E-step's packed programs in ~34 s each
 instead of ~2 minutes (Triton's autotuning): `bench/results/round_h200.md`, 2026-12-03 (third session).
-The flag only concerns GPU compiles; CPU and TPU ignore it.
+
+`--xla_gpu_autotune_level=0`: cuBLAS picks each GEMM's algorithm by its heuristics instead of XLA
+timing the candidates on the device while it compiles. On an H200 (jax 0.11.2) the 20 programs of
+the paper E-step's longest call (embedded model, K=128) compiled in 24.6 s instead of 80.3 s, and
+trained in 29.0 ms a step instead of 26.8 ms (`bench/results/round_h200.md`, 2026-12-03, sixth
+session). The programs are compiled once per shape and kept by the compilation cache, but every E-step
+of new self-edits meets new shapes, and a cold E-step spent more time compiling than training.
+
+The flags only concern GPU compiles; CPU and TPU ignore them.
 
 A flag the user already sets in XLA_FLAGS (either value) is left as it is. JAX reads XLA_FLAGS when its
 first backend starts, so this applies to a process that imports seal_jax before it computes anything
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false"}
+DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false", "--xla_gpu_autotune_level": "0"}
 
 
 def with_defaults(xla_flags: str) -> str:

@@ -5,18 +5,21 @@ import sys
 
 from seal_jax import xla_defaults
 
+ALL = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
+
 
 def test_defaults_are_added_to_other_flags():
     flags = xla_defaults.with_defaults("--xla_force_host_platform_device_count=8")
     assert flags.split() == ["--xla_force_host_platform_device_count=8",
-                             "--xla_gpu_enable_triton_gemm=false"]
-    assert xla_defaults.with_defaults("") == "--xla_gpu_enable_triton_gemm=false"
+                             "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_autotune_level=0"]
+    assert xla_defaults.with_defaults("") == ALL
 
 
 def test_a_flag_the_user_sets_is_kept_as_set():
     assert xla_defaults.with_defaults(" --xla_gpu_enable_triton_gemm=true ") == \
-        "--xla_gpu_enable_triton_gemm=true"
-    assert xla_defaults.with_defaults("--xla_gpu_enable_triton_gemm") == "--xla_gpu_enable_triton_gemm"
+        "--xla_gpu_enable_triton_gemm=true --xla_gpu_autotune_level=0"
+    assert xla_defaults.with_defaults("--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm") == \
+        "--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm"
 
 
 def test_importing_seal_jax_sets_the_flags_before_jax_starts():
@@ -25,5 +28,5 @@ def test_importing_seal_jax_sets_the_flags_before_jax_starts():
             "print(os.environ['XLA_FLAGS']); print(float((jnp.ones(3) * 2).sum()))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.split("\n")
-    assert out[0] == "--xla_gpu_enable_triton_gemm=false"
+    assert out[0] == ALL
     assert float(out[1]) == 6.0  # the backend accepted the flag (an unknown flag aborts the process)
