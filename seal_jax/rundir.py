@@ -40,6 +40,11 @@ MARKER_FORMAT = 1
 SETUP_FILES = frozenset({MARKER, "config.json", "split.json", "timings.jsonl"})  # seal_jax.timings
 _fresh_runs: list["RunDir"] = []  # created by this process (see discard_unproductive_runs)
 
+# Keys that choose how fast the same computation runs (the same function to float rounding). They
+# are safe to change on resume also for runs created before they existed, whatever the run's marker
+# lists: a run from before `attention_impl` resumes under a config that now sets it.
+SPEED_ONLY_KEYS: tuple[str, ...] = ("attention_impl",)
+
 # Keys whose change does not alter any result already on disk: more (or fewer) rounds continue the
 # same sequence of rounds; the rest are cosmetic or say where the run is. fnmatch patterns.
 DEFAULT_RESUME_SAFE: tuple[str, ...] = (
@@ -50,6 +55,7 @@ DEFAULT_RESUME_SAFE: tuple[str, ...] = (
     # How a step's sequences are laid out (packed rows or a row per candidate): the same training,
     # summed in another order.
     "inner.packing",
+    *SPEED_ONLY_KEYS,
 )
 
 # Training keys that lay a step out without changing what it computes (beyond float rounding): a
@@ -293,6 +299,7 @@ def open_for_resume(path: str | os.PathLike, config: Any, *, kind: Optional[str]
     if kind is not None and marker["kind"] != kind:
         raise RunDirError(f"resume: {path} is a {marker['kind']!r} run, not {kind!r}")
     safe = list(resume_safe if resume_safe is not None else marker.get("resume_safe", DEFAULT_RESUME_SAFE))
+    safe += [k for k in SPEED_ONLY_KEYS if k not in safe]
     changes = config_changes(marker["config"], flatten_config(config))
     unsafe = {k: v for k, v in changes.items() if not _matches(k, safe)}
     if unsafe:

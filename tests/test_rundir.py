@@ -98,6 +98,15 @@ def test_resume_accepts_safe_changes_and_records_them(tmp_path):
     assert run.path.exists()
 
 
+def test_a_run_from_before_a_speed_only_key_resumes_under_a_config_that_sets_it(tmp_path):
+    run = rundir.create(tmp_path, "demo", _config(), kind="k", resume_safe=("progress",))
+    later = _config()
+    later.attention_impl = "auto"
+    opened = rundir.open_for_resume(run.path, later, kind="k")
+    assert opened.changed_safe == {"attention_impl": ("<absent>", "auto")}
+    assert "attention_impl" in rundir.DEFAULT_RESUME_SAFE
+
+
 def test_added_or_removed_keys_count_as_changes(tmp_path):
     run = rundir.create(tmp_path, "demo", _config(), kind="k")
     extra = _config()
