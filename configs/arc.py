@@ -60,8 +60,10 @@ def base_config():
     # fused kernel of jax.nn.dot_product_attention on CUDA GPUs; XLA elsewhere) or "auto" (cuDNN on
     # CUDA where its shape constraints hold, XLA elsewhere). "" keeps the model's own ("xla"). On an
     # H200 cuDNN trained the paper E-step's longest call in 24.9 ms a step against 26.8 ms, and its
-    # programs compiled in 45 s against 80 s (bench/results/round_h200.md, 2026-12-03 sixth session).
-    c.attention_impl = "auto"
+    # programs compiled in 45 s against 80 s, but the E-step failed with it (jax 0.11.2): a cuDNN
+    # graph first run by a training call while the evaluation ran beside it could not be captured
+    # (kernels/README.md; bench/results/round_h200.md, 2026-12-03 sixth session). Not the default.
+    c.attention_impl = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.axes = {"candidate": -1}  # TTT configs are independent: split them over the devices

@@ -12,13 +12,6 @@ trained in 29.0 ms a step instead of 26.8 ms (`bench/results/round_h200.md`, 202
 session). The programs are compiled once per shape and kept by the compilation cache, but every E-step
 of new self-edits meets new shapes, and a cold E-step spent more time compiling than training.
 
-`--xla_gpu_enable_command_buffer=-CUDNN`: XLA's default command buffers (CUDA graphs), less the one
-type that records cuDNN ops. With cuDNN attention (the configs' `attention_impl="auto"`) the 1B
-preset's paper E-step failed on an H200 in its second training call, with the evaluation running
-beside it, while capturing a cuDNN graph: `cuda_graph_end_capture ... failed ... previous error during
-capture` in cuda_dnn.cc (`bench/results/round_h200.md`, sixth session of 2026-12-03). cuDNN ops then
-run as plain thunks between the recorded commands.
-
 The flags only concern GPU compiles; CPU and TPU ignore them.
 
 A flag the user already sets in XLA_FLAGS (either value) is left as it is. JAX reads XLA_FLAGS when its
@@ -29,8 +22,7 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false", "--xla_gpu_autotune_level": "0",
-                 "--xla_gpu_enable_command_buffer": "-CUDNN"}
+DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false", "--xla_gpu_autotune_level": "0"}
 
 
 def with_defaults(xla_flags: str) -> str:
