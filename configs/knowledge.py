@@ -125,6 +125,10 @@ def base_config():
     # Pack the candidates' sequences of a step into shared rows (seal_jax/train_plan.py): on the paper
     # E-step 22-29% padding instead of 39-84% (bench/results/round_h200.md, 2026-12-03).
     c.inner.packing = True
+    # A call's rarely used packed-step shapes run as larger shapes it already has, for at most this
+    # share more computed tokens: fewer programs to compile and load (paper E-step at K=128: 28 -> 20
+    # programs, the first call's 10 -> 6, for 1.7% more tokens; bench/packed_shapes.py).
+    c.inner.pack_merge_share = inner.InnerConfig.pack_merge_share
     c.inner.length_buckets = inner.InnerConfig.length_buckets
     # K trained at once (sharded over the "candidate" mesh axis); 0: the fastest by a cost model among
     # the K the device's memory holds (inner.fit_candidates_per_call; 8 where the backend reports no

@@ -43,7 +43,7 @@ _fresh_runs: list["RunDir"] = []  # created by this process (see discard_unprodu
 # Keys that choose how fast the same computation runs (the same function to float rounding). They
 # are safe to change on resume also for runs created before they existed, whatever the run's marker
 # lists: a run from before `attention_impl` resumes under a config that now sets it.
-SPEED_ONLY_KEYS: tuple[str, ...] = ("attention_impl",)
+SPEED_ONLY_KEYS: tuple[str, ...] = ("attention_impl", "inner.pack_merge_share")
 
 # Keys whose change does not alter any result already on disk: more (or fewer) rounds continue the
 # same sequence of rounds; the rest are cosmetic or say where the run is. fnmatch patterns.
@@ -60,7 +60,7 @@ DEFAULT_RESUME_SAFE: tuple[str, ...] = (
 
 # Training keys that lay a step out without changing what it computes (beyond float rounding): a
 # record trained either way stays valid, and runs from before the key existed keep their records.
-LAYOUT_KEYS: tuple[str, ...] = ("inner.packing",)
+LAYOUT_KEYS: tuple[str, ...] = ("inner.packing", "inner.pack_merge_share")
 
 # Config keys that determine a candidate's training and score (prefixes of dotted keys). Changing any
 # of them makes every earlier candidate record stale.

@@ -103,6 +103,12 @@ class InnerConfig:
     packing: bool = True
     pack_row_tokens: int = 256
     pack_row_segments: int = 16
+    # A packed-step shape (rows x row length x slots) that few steps of a call use is computed as a
+    # larger shape of the same call, while the call computes at most this share more tokens in all:
+    # each distinct shape is a compiled program (traced, lowered and compiled cold, loaded from the
+    # cache warm): on the paper E-step at K=128, 28 -> 20 programs for 1.7% more computed tokens
+    # (bench/packed_shapes.py). 0: never.
+    pack_merge_share: float = 0.03
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -133,6 +139,8 @@ class InnerConfig:
         if self.pack_row_tokens < 2 or self.pack_row_segments < 1:
             raise ValueError(f"pack_row_tokens must be >= 2 and pack_row_segments >= 1, got "
                              f"{self.pack_row_tokens} and {self.pack_row_segments}")
+        if not 0 <= self.pack_merge_share <= 1:
+            raise ValueError(f"pack_merge_share must be in [0, 1], got {self.pack_merge_share}")
         if self.reference_faithful and self.append_eos:
             object.__setattr__(self, "append_eos", False)  # documented: faithful implies no EOS
 
@@ -269,8 +277,8 @@ class TrainPlan:
     truncated_K: np.ndarray = None  # int32 sequences cut to the maximum length
     rejected_K: np.ndarray = None  # bool: failed before training (overlong='fail')
     max_length: int = 0
-    # (pack_row_tokens, pack_row_segments, length_buckets) when steps may be packed
-    # (`InnerConfig.packs`), else None
+    # (pack_row_tokens, pack_row_segments, length_buckets, pack_merge_share) when steps may be
+    # packed (`InnerConfig.packs`), else None
     pack: Optional[tuple] = None
 
     def __post_init__(self):
@@ -509,8 +517,38 @@ def _rows(used: int) -> int:
     return bucket(used, ROW_BUCKETS) if used <= ROW_BUCKETS[-1] else used
 
 
+def merge_rare_shapes(length_S: np.ndarray, rows_S: np.ndarray, segments_S: np.ndarray,
+                      budget_tokens: int) -> None:
+    """Give steps of rarely used shapes a larger shape of the same plan, in place: fewer programs.
+
+    A step of R rows of T tokens with M slots can run in any shape (T', R', M') with T' >= T,
+    R' >= R and M' >= M, with the same placements (the extra rows and columns are padding, the
+    extra slots unused), at (T' R' - T R) more computed tokens. Greedily, the cheapest such merge
+    of all the steps of one shape into another shape the plan already has, until the next one would
+    take the plan's extra tokens over `budget_tokens`. Each merge removes one shape, so one program.
+    """
+    budget = int(budget_tokens)
+    while budget > 0:
+        shapes = {}
+        for shape in zip(length_S.tolist(), rows_S.tolist(), segments_S.tolist()):
+            shapes[shape] = shapes.get(shape, 0) + 1
+        best = None
+        for (t, r, m), steps in shapes.items():
+            for (t2, r2, m2) in shapes:
+                if (t2, r2, m2) != (t, r, m) and t2 >= t and r2 >= r and m2 >= m:
+                    extra = steps * (t2 * r2 - t * r)
+                    if extra <= budget and (best is None or extra < best[0]):
+                        best = (extra, (t, r, m), (t2, r2, m2))
+        if best is None:
+            return
+        extra, (t, r, m), target = best
+        which = (length_S == t) & (rows_S == r) & (segments_S == m)
+        length_S[which], rows_S[which], segments_S[which] = target
+        budget -= extra
+
+
 def _packed_layout(plan: TrainPlan, row_tokens: int, row_segments: int,
-                   length_buckets: Sequence[int]) -> PackedLayout:
+                   length_buckets: Sequence[int], merge_share: float = 0.0) -> PackedLayout:
     k_count, s_count, b = plan.batch_index_KxSxB.shape
     row = np.full((k_count, s_count, b), -1, np.int32)
     offset = np.zeros((k_count, s_count, b), np.int32)
@@ -536,6 +574,8 @@ def _packed_layout(plan: TrainPlan, row_tokens: int, row_segments: int,
         # sequence (sequences of one length, in rows of their own bucket), else all (two shapes,
         # not one program per count).
         segments[s] = 1 if max(sl for _, _, sl in placed) == 0 else row_segments
+    computed = int(np.sum(rows.astype(np.int64) * row_length))
+    merge_rare_shapes(row_length, rows, segments, int(merge_share * computed))
     return PackedLayout(row_length_S=row_length, rows_S=rows, segments_S=segments, row_KxSxB=row,
                         offset_KxSxB=offset, slot_KxSxB=slot)
 
@@ -683,7 +723,8 @@ def build_plan(candidates: Sequence[CandidateData],
                      pad_id=int(pad_id), truncated_K=truncated, rejected_K=rejected,
                      max_length=inner_cfg.max_length,
                      pack=((int(inner_cfg.pack_row_tokens), int(inner_cfg.pack_row_segments),
-                            tuple(int(b) for b in inner_cfg.length_buckets))
+                            tuple(int(b) for b in inner_cfg.length_buckets),
+                            float(inner_cfg.pack_merge_share))
                            if inner_cfg.packs else None))
 
 

@@ -18,7 +18,7 @@ from seal_jax import lora as lora_lib
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig
 from seal_jax.model.presets import get_preset
-from seal_jax.train_plan import pack_sequences
+from seal_jax.train_plan import merge_rare_shapes, pack_sequences
 from tolerances import assert_close_scaled
 
 CFG = get_preset("tiny-llama")
@@ -129,10 +129,59 @@ def test_packed_gather_holds_every_candidate_sequence_with_its_adapter_and_targe
     assert seen == int(((plan.batch_index_KxSxB >= 0) & plan.active_KxS[..., None]).sum())
 
 
+def test_rare_packed_shapes_merge_into_larger_ones_within_the_token_budget():
+    rng = np.random.default_rng(5)
+    for budget in (0, 100, 1000, 10_000, 10**9):
+        length = rng.choice([16, 32, 64], 60).astype(np.int32)
+        rows = rng.choice([1, 2, 3, 4], 60).astype(np.int32)
+        segments = rng.choice([1, 4], 60).astype(np.int32)
+        before = (length.copy(), rows.copy(), segments.copy())
+        merge_rare_shapes(length, rows, segments, budget)
+        # Every step runs in a shape holding its own (same placements), at most `budget` more tokens.
+        assert (length >= before[0]).all() and (rows >= before[1]).all() and (segments >= before[2]).all()
+        extra = int((length * rows).sum() - (before[0] * before[1]).sum())
+        assert 0 <= extra <= budget
+        shapes = set(zip(length.tolist(), rows.tolist(), segments.tolist()))
+        old_shapes = set(zip(*(b.tolist() for b in before)))
+        assert shapes <= old_shapes  # into shapes the plan already had
+        if budget == 0:
+            assert shapes == old_shapes
+        if budget == 10**9:  # everything fits the one shape that dominates all: (64, 4, 4)
+            assert shapes == {(64, 4, 4)}
+    # A cheaper merge goes first: one step of (16, 1) costs 16 tokens to join (32, 1), 48 for (64, 1).
+    length, rows, segments = np.array([16, 32, 32, 64]), np.array([1, 1, 1, 1]), np.ones(4, np.int32)
+    merge_rare_shapes(length, rows, segments, 20)
+    assert length.tolist() == [32, 32, 32, 64]
+
+
+def test_merged_packed_shapes_train_as_unmerged_ones(params):
+    ic = IC.replace(batch_size=2, length_buckets=(16, 32, 64), pack_row_tokens=32, pack_row_segments=2,
+                    pack_merge_share=0.0)
+    plan = inner.build_plan(_candidates(), HPARAMS, ic, pad_id=PAD)
+    merged_ic = ic.replace(pack_merge_share=0.5)
+    merged_plan = inner.build_plan(_candidates(), HPARAMS, merged_ic, pad_id=PAD)
+
+    def shapes(p):
+        return {c[2:] for c in p.packed_chunks(ic.steps_per_chunk)}
+
+    assert len(shapes(merged_plan)) < len(shapes(plan)) and merged_plan.packs_rows
+    computed = plan.token_counts(packed=True)["computed_tokens"]
+    assert computed < merged_plan.token_counts(packed=True)["computed_tokens"] <= 1.5 * computed
+    a = inner.train_candidates(params, plan, cfg=CFG, lora_cfg=LC, inner_cfg=ic)
+    b = inner.train_candidates(params, merged_plan, cfg=CFG, lora_cfg=LC, inner_cfg=merged_ic)
+    for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora)):
+        assert_close_scaled(np.asarray(x), np.asarray(y), eps_multiple=1024, what="adapter")
+    assert_close_scaled(a.losses, b.losses, eps_multiple=1024, what="losses")
+    np.testing.assert_array_equal(a.steps, b.steps)
+    with pytest.raises(ValueError, match="pack_merge_share"):
+        ic.replace(pack_merge_share=-0.1)
+
+
 def test_a_packed_step_with_more_active_candidates_than_slots_updates_them_all():
     # An active candidate without a sequence at a step (not produced by build_plan, but the step must
-    # still update it as the row-per-candidate path does): all K become the step's members.
-    plan = inner.build_plan(_candidates(), HPARAMS, IC, pad_id=PAD)
+    # still update it as the row-per-candidate path does): all K become the step's members. Shapes
+    # unmerged, so that the late step keeps its one single-slot row.
+    plan = inner.build_plan(_candidates(), HPARAMS, IC.replace(pack_merge_share=0.0), pad_id=PAD)
     late = int(plan.num_steps_K.max()) - 1
     plan.active_KxS[:, late] = True
     start, stop, length, rows, slots = next(c for c in plan.packed_chunks(IC.steps_per_chunk)

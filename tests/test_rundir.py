@@ -155,7 +155,12 @@ def test_packed_rows_or_not_keep_records_and_resume(tmp_path):
     h = rundir.training_config_hash(config())
     assert rundir.training_config_hash(config(packing=True)) == rundir.training_config_hash(
         config(packing=False)) == h
+    assert rundir.training_config_hash(config(pack_merge_share=0.0)) == h  # the step shapes alone
     assert rundir.training_config_hash(config(epochs=5)) != h  # a real change still counts
+    # A run whose marker predates the shape merging resumes under a config that sets it.
+    old = rundir.create(tmp_path, "old", config(), kind="k", resume_safe=("progress",))
+    assert rundir.open_for_resume(old.path, config(pack_merge_share=0.03), kind="k").changed_safe == {
+        "inner.pack_merge_share": ("<absent>", 0.03)}
     run = rundir.create(tmp_path, "demo", config(packing=True), kind="k")
     resumed = config(packing=False)
     resumed.resume = str(run.path)
