@@ -28,9 +28,11 @@ import re
 import zlib
 from typing import Any, Callable, Optional, Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from seal_jax import distributed as dist
 from seal_jax import inner, interrupt
 from seal_jax.domain import CandidateFailure, CandidateSpec, Domain, Score
 from seal_jax.engine import Engine, evaluate_contexts
@@ -184,6 +186,25 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
         recorded += len(chunk)
         bar.update(1)
 
+    def record_failed_call(chunk, reason: str):
+        nonlocal recorded
+        for outcome, ctx, spec, rep, cand_seed, base_record in chunk:
+            record = dict(base_record, seed=cand_seed, steps=0, failed=True, reward=0.0, reason=reason,
+                          **spec.info)
+            outcome.records.append(record)
+            if on_record:
+                on_record(record)
+        recorded += len(chunk)
+        bar.update(1)
+
+    # A training call that fails on the device (an XLA runtime error other than running out of
+    # memory, which the call handles by splitting itself) is tried once more with nothing else on
+    # the device: on an H200 a program's first run failed while the previous call's evaluation ran
+    # beside it (cuDNN graphs captured into CUDA graphs, kernels/README.md). Failing again, its
+    # candidates are recorded as failed with the error, and the E-step goes on. Processes of one mesh
+    # run their calls in lockstep, so there the error stops the run as before.
+    lockstep = engine.settings.mesh is not None and dist.spans_processes(engine.settings.mesh)
+
     # Every training program of this E-step compiles in parallel threads, in the order the calls
     # need them, while the calls run: a call waits only for its own programs (on an H200 the 7B's
     # 33 programs took 125 s cold before the first call, which needs a few of them).
@@ -214,10 +235,25 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
             interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
             chunk = [pending[j] for j in group]
             bar.set_postfix_str(f"training {len(chunk)}, {recorded}/{len(pending)} candidates done")
-            result = engine.train([c[2] for c in chunk], [c[4] for c in chunk])
+            specs, seeds = [c[2] for c in chunk], [c[4] for c in chunk]
+            try:
+                result = engine.train(specs, seeds)
+            except jax.errors.JaxRuntimeError as e:
+                if lockstep:
+                    raise
+                log.warning("%s: a training call of %d candidates failed on the device (%s); trying it "
+                            "again once the evaluations beside it are done", phase, len(chunk), _brief(e))
+                settle(0)
+                try:
+                    result = engine.train(specs, seeds)
+                except jax.errors.JaxRuntimeError as e2:
+                    log.error("%s: the training call of %d candidates failed again (%s); they are recorded "
+                              "as failed", phase, len(chunk), _brief(e2))
+                    result = f"training call failed on the device: {_brief(e2)}"
             bar.update(1)
             settle(evaluations_ahead - 1)
-            evaluations.append(pool.submit(evaluate_and_record, chunk, result))
+            evaluations.append(pool.submit(record_failed_call, chunk, result) if isinstance(result, str)
+                               else pool.submit(evaluate_and_record, chunk, result))
         settle(0)
     bar.close()
     interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")
@@ -225,6 +261,11 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
     for outcome in outcomes:
         summarize(outcome)
     return outcomes
+
+
+def _brief(error: BaseException) -> str:
+    """An error's first line, short enough for a log line and a record's reason."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def summarize(outcome: EditOutcome) -> EditOutcome:

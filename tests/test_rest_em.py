@@ -301,6 +301,47 @@ def test_a_slow_evaluation_holds_the_training_only_evaluations_ahead_calls_later
                                progress=False, evaluations_ahead=0)
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_training_call_that_fails_on_the_device_is_retried_alone_then_recorded(monkeypatch, persistent):
+    """An XLA runtime error in a training call: tried again once the evaluations beside it are done;
+    failing again, its candidates are recorded as failed with the error and the E-step goes on."""
+    import jax
+
+    from seal_jax import estep
+    from toy_domain import ToyDomain, Word
+
+    items = [(Word(w), i, f"note {i} on {w}" + " more" * i) for w in WORDS[:2] for i in range(3)]
+    engine = toy_engine(candidates_per_call=2)  # 3 calls
+    events, train, evaluate = [], engine.train, estep.evaluate_contexts
+
+    def flaky_train(specs, seeds, **kw):
+        events.append("train")
+        if events.count("train") == 2 or (persistent and events.count("train") == 3):
+            raise jax.errors.JaxRuntimeError("INTERNAL: cuda_graph_end_capture failed\nmore detail")
+        return train(specs, seeds, **kw)
+
+    def recording_evaluate(*a, **kw):
+        out = evaluate(*a, **kw)
+        events.append("evaluated")
+        return out
+
+    monkeypatch.setattr(engine, "train", flaky_train)
+    monkeypatch.setattr(estep, "evaluate_contexts", recording_evaluate)
+    records = []
+    estep.score_self_edits(engine, ToyDomain(engine.tokenizer), items, reps=1, seed=5, phase="t",
+                           progress=False, on_record=records.append)
+    # The retry came after the first call's evaluation had finished: nothing else on the device.
+    assert events[:4] == ["train", "train", "evaluated", "train"]
+    assert len(records) == 6 and len({(r["context_id"], r["edit_index"]) for r in records}) == 6
+    failed = [r for r in records if r["failed"]]
+    if persistent:
+        assert len(failed) == 2 and all(r["reward"] == 0.0 and r["steps"] == 0 for r in failed)
+        assert all(r["reason"] == "training call failed on the device: INTERNAL: cuda_graph_end_capture "
+                                  "failed" for r in failed)
+    else:
+        assert not failed
+
+
 def test_engine_pads_k_inside_the_inner_loop_and_batched_equals_sequential():
     engine = toy_engine(candidates_per_call=4)
     assert engine.settings.inner.candidate_buckets == (1, 2, 4)
