@@ -214,7 +214,7 @@ def inner_rules(prefix: str = "inner") -> dict[str, Check]:
             f"{prefix}.shuffle": string(choices=SHUFFLES), f"{prefix}.shuffle_seed": integer(ge=0),
             f"{prefix}.append_eos": boolean(), f"{prefix}.reference_faithful": boolean(),
             f"{prefix}.faithful_length": integer(ge=2), f"{prefix}.candidate_buckets": anything(),
-            f"{prefix}.packing": boolean()}
+            f"{prefix}.packing": boolean(), f"{prefix}.pack_merge_share": number(ge=0, le=1)}
 
 
 def mesh_rules(prefix: str = "mesh") -> dict[str, Check]:

@@ -68,6 +68,8 @@ CONFIG_CASES = [
     (["--config.inner.learnig_rate=1"], ["unknown config key 'inner.learnig_rate'", "inner.learning_rate"]),
     (["--config.self_edit.k=two"], ["--config.self_edit.k=two"]),
     (["--config.inner.learning_rate=-1"], ["inner.learning_rate = -1.0 must be > 0"]),
+    (["--config.attention_impl=flash", "--config.inner.pack_merge_share=2"],
+     ["2 problems", "attention_impl", "inner.pack_merge_share"]),
     (["--config.self_edit.top_p=0", "--config.lora.rank=0", "--config.candidates_per_call=-1"],
      ["3 problems", "self_edit.top_p", "lora.rank", "candidates_per_call"]),
     (["--config.grader.kind=http"], ["$OPENAI_API_KEY, which is not set", "--config.grader.http_api_key_env"]),

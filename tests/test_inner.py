@@ -281,9 +281,14 @@ def test_plan_fractional_epochs_empty_candidates_and_buckets():
     assert counts["real_tokens"] == 5 * 10 + 4 * 10 + 2048  # 1.5 epochs: 3 + 2 batches of <= 2
     # A row per candidate: every step pads all 4 candidates x 2 slots to its bucket.
     assert plan.token_counts(packed=False)["computed_tokens"] == (2048 + 4 * 16) * 4 * 2
-    # Packed (the default): step 0 holds the 2,048-token sequence in one row and candidate 0's two
-    # in another; each later step fits one row as short as its tokens allow (2 x 10 -> 32, 10 -> 16).
-    assert counts["computed_tokens"] == 2 * 2048 + 3 * 32 + 16
+    # Packed: step 0 holds the 2,048-token sequence in one row and candidate 0's two in another;
+    # each later step fits one row as short as its tokens allow (2 x 10 -> 32, 10 -> 16).
+    unmerged = inner.build_plan(cands, [{"epochs": 1.5}, None, {"epochs": 0}, {"epochs": 1}],
+                                ic.replace(pack_merge_share=0.0), pad_id=PAD)
+    assert unmerged.token_counts()["computed_tokens"] == 2 * 2048 + 3 * 32 + 16
+    # The default merges the one 16-token step into the 32-token rows the plan has (16 more tokens,
+    # within 3% of them; one program fewer).
+    assert counts["computed_tokens"] == 2 * 2048 + 4 * 32
 
 
 def test_reference_faithful_plan_pads_to_2048_with_eos_targets():
