@@ -56,13 +56,9 @@ def base_config():
     # XLA addresses each layer's weights in place instead of copying them out of the stacked arrays
     # every step (on an H200: 1B inner loop 0.107 -> 0.087 s per candidate, +6 s compile per program).
     c.scan_unroll = 1
-    # Attention in training, scoring and prefill: "xla" (einsum softmax, every backend), "cudnn" (the
-    # fused kernel of jax.nn.dot_product_attention on CUDA GPUs; XLA elsewhere) or "auto" (cuDNN on
-    # CUDA where its shape constraints hold, XLA elsewhere). "" keeps the model's own ("xla"). On an
-    # H200 cuDNN trained the paper E-step's longest call in 24.9 ms a step against 26.8 ms, and its
-    # programs compiled in 45 s against 80 s, but the E-step failed with it (jax 0.11.2): a cuDNN
-    # graph first run by a training call while the evaluation ran beside it could not be captured
-    # (kernels/README.md; bench/results/round_h200.md, 2026-12-03 sixth session). Not the default.
+    # Attention in training, scoring and prefill: "" (the model's own: "xla"), "xla", "cudnn" or
+    # "auto" (cuDNN on CUDA GPUs where it applies, XLA elsewhere). cuDNN is faster but opt-in:
+    # kernels/README.md says why.
     c.attention_impl = ""
 
     c.mesh = ml_collections.ConfigDict()

@@ -236,6 +236,7 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
             chunk = [pending[j] for j in group]
             bar.set_postfix_str(f"training {len(chunk)}, {recorded}/{len(pending)} candidates done")
             specs, seeds = [c[2] for c in chunk], [c[4] for c in chunk]
+            failure = None
             try:
                 result = engine.train(specs, seeds)
             except jax.errors.JaxRuntimeError as e:
@@ -249,11 +250,13 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                 except jax.errors.JaxRuntimeError as e2:
                     log.error("%s: the training call of %d candidates failed again (%s); they are recorded "
                               "as failed", phase, len(chunk), _brief(e2))
-                    result = f"training call failed on the device: {_brief(e2)}"
+                    failure = f"training call failed on the device: {_brief(e2)}"
             bar.update(1)
             settle(evaluations_ahead - 1)
-            evaluations.append(pool.submit(record_failed_call, chunk, result) if isinstance(result, str)
-                               else pool.submit(evaluate_and_record, chunk, result))
+            if failure is None:
+                evaluations.append(pool.submit(evaluate_and_record, chunk, result))
+            else:
+                evaluations.append(pool.submit(record_failed_call, chunk, failure))
         settle(0)
     bar.close()
     interrupt.check(f"{phase}: {recorded}/{len(pending)} candidates recorded")

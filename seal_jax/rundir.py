@@ -60,7 +60,7 @@ DEFAULT_RESUME_SAFE: tuple[str, ...] = (
 
 # Training keys that lay a step out without changing what it computes (beyond float rounding): a
 # record trained either way stays valid, and runs from before the key existed keep their records.
-LAYOUT_KEYS: tuple[str, ...] = ("inner.packing", "inner.pack_merge_share")
+LAYOUT_KEYS: tuple[str, ...] = ("inner.packing", *SPEED_ONLY_KEYS)
 
 # Config keys that determine a candidate's training and score (prefixes of dotted keys). Changing any
 # of them makes every earlier candidate record stale.

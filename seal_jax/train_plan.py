@@ -25,6 +25,7 @@ per candidate (`truncated_K`). `overlong="fail"` makes such a candidate a record
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
@@ -529,9 +530,7 @@ def merge_rare_shapes(length_S: np.ndarray, rows_S: np.ndarray, segments_S: np.n
     """
     budget = int(budget_tokens)
     while budget > 0:
-        shapes = {}
-        for shape in zip(length_S.tolist(), rows_S.tolist(), segments_S.tolist()):
-            shapes[shape] = shapes.get(shape, 0) + 1
+        shapes = collections.Counter(zip(length_S.tolist(), rows_S.tolist(), segments_S.tolist()))
         best = None
         for (t, r, m), steps in shapes.items():
             for (t2, r2, m2) in shapes:
