@@ -35,6 +35,7 @@ import argparse
 import collections
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import threading
@@ -47,6 +48,7 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from seal_jax import compile_cache  # noqa: E402
 from seal_jax import experiment as X  # noqa: E402
 from seal_jax import inner  # noqa: E402
 from seal_jax.config import load_config  # noqa: E402
@@ -150,6 +152,9 @@ def main():
     ap.add_argument("--out", default="round.json")
     ap.add_argument("--peer-workload", default="")
     ap.add_argument("--peer-candidates", type=int, default=4)
+    ap.add_argument("--executable-cache", choices=("on", "off"), default="on",
+                    help="off: XLA's compilation cache only, every program traced and lowered again "
+                         "(the comparison for a warm run)")
     args = ap.parse_args()
 
     overrides = {"model": args.model, "grader.kind": "em_f1", "progress": False,
@@ -168,6 +173,8 @@ def main():
     with clock.phase("load"):
         engine = X.build_engine(c)
         domain = knowledge_domain(c, engine.tokenizer)
+    if args.executable_cache == "off":
+        os.environ[compile_cache.EXECUTABLES_ENV] = "0"
     print(f"[load] {clock.seconds['load']:.1f} s; candidates_per_call={engine.settings.candidates_per_call} "
           "(0: fitted to the device)", flush=True)
     clock.wrap(engine, "train", "train")
@@ -186,7 +193,8 @@ def main():
             clock.seconds["precompile"] += h.seconds
             print(f"[precompile] {h.programs} training programs ready {h.seconds:.1f} s after the start, "
                   f"overlapping the calls ({h.wait()} compiled here or by a call that came first; "
-                  f"compile time summed over threads {clock.compile_seconds['precompile']:.1f} s)",
+                  f"compile time summed over threads {clock.compile_seconds['precompile']:.1f} s; "
+                  f"executable cache so far {compile_cache.executable_counts()})",
                   flush=True)
 
         handle.add_done_callback(finished)
@@ -270,6 +278,7 @@ def main():
         "estep_wall_seconds": round(estep_s, 2),
         "candidates_per_hour": round(n_cand / estep_s * 3600) if estep_s else None,
         "compiled_train_programs": inner.compiled_shape_count() - shapes_before,
+        "executable_cache": {"enabled": args.executable_cache == "on", **compile_cache.executable_counts()},
         "train_calls": clock.calls["train"], "eval_calls": clock.calls["evaluate"],
         "real_train_tokens": real, "computed_train_tokens": computed,
         "padding_fraction": round(1 - real / max(1, computed), 4),

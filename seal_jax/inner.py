@@ -614,9 +614,17 @@ def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compi
             # called directly: a later trace of the same function need not reuse this lowering (jit's
             # caches key on the traced jaxpr object), so jit could compile it again.
             jitted = fn if hasattr(fn, "lower") else fn.__wrapped__
-            with _lowering_turn():
-                lowered = jitted.lower(frozen, state, xs, np.int32(0))
-            compiled = lowered.compile()
+            args = (frozen, state, xs, np.int32(0))
+
+            def lower():
+                with _lowering_turn():
+                    return jitted.lower(*args)
+
+            if mesh is not None and dist.spans_processes(mesh):
+                compiled = lower().compile()  # compiled by every process in lockstep, not kept
+            else:
+                # A warm run loads it without tracing: tracing and lowering were most of a warm start.
+                compiled = compile_cache.executable("train_chunk", key, args, lower)
             step_lib.PRECOMPILED[shape_key] = compiled
             step_lib.COMPILED_SHAPES.add(shape_key)
     return compiled, shape_key

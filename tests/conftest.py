@@ -8,6 +8,11 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+# Tests patch functions inside traced programs (fault injection, spies), which the executable cache's
+# key cannot see (`seal_jax.compile_cache`): it is off here, subprocesses included, except in the tests
+# of it, which turn it on.
+os.environ["SEAL_JAX_EXECUTABLE_CACHE"] = "0"
+
 
 @pytest.fixture(scope="session")
 def shared_dir():

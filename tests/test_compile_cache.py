@@ -6,6 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _CHILD = textwrap.dedent("""
@@ -47,3 +52,127 @@ def test_second_process_hits_the_cache(tmp_path):
     assert second["hits"] >= 2  # params init and the forward, read back
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
     assert second["sum"] == first["sum"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The executable cache: programs loaded without tracing
+
+
+def _square_sum(x, y):
+    return (x * x).sum() + y
+
+
+@pytest.fixture
+def executables(tmp_path, monkeypatch):
+    from seal_jax import compile_cache
+
+    monkeypatch.setenv(compile_cache.EXECUTABLES_ENV, "1")
+    previous = compile_cache.directory()
+    compile_cache.enable(tmp_path / "xla_cache")
+    yield tmp_path / "xla_cache" / compile_cache.EXECUTABLES_DIR
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def _counting_lower(fn, args, lowered_count):
+    def lower():
+        lowered_count.append(1)
+        return jax.jit(fn).lower(*args)
+    return lower
+
+
+def test_an_executable_is_stored_once_and_loaded_without_lowering(executables):
+    from seal_jax import compile_cache
+
+    args = (jnp.arange(6.0).reshape(2, 3), jnp.float32(1.5))
+    lowered, before = [], compile_cache.executable_counts()
+    first = compile_cache.executable("square", ("v1",), args, _counting_lower(_square_sum, args, lowered))
+    assert len(list(executables.glob("square-*.jaxexe"))) == 1 and len(lowered) == 1
+    again = compile_cache.executable("square", ("v1",), args, _counting_lower(_square_sum, args, lowered))
+    assert len(lowered) == 1  # read back, not traced
+    counts = compile_cache.executable_counts()
+    assert (counts["stored"] - before["stored"], counts["loaded"] - before["loaded"]) == (1, 1)
+    assert float(again(*args)) == float(first(*args)) == float(_square_sum(*args))
+
+
+def test_the_key_changes_with_settings_shapes_dtypes_and_environment(executables, monkeypatch):
+    from seal_jax import compile_cache
+
+    args = (jnp.zeros((2, 3)), jnp.float32(0))
+    key = compile_cache.executable_key("square", ("v1",), args)
+    assert compile_cache.executable_key("square", ("v1",), args) == key
+    assert compile_cache.executable_key("square", ("v2",), args) != key
+    assert compile_cache.executable_key("other", ("v1",), args) != key
+    assert compile_cache.executable_key("square", ("v1",), (jnp.zeros((2, 4)), jnp.float32(0))) != key
+    assert compile_cache.executable_key("square", ("v1",), (jnp.zeros((2, 3), jnp.bfloat16),
+                                                           jnp.float32(0))) != key
+    assert compile_cache.executable_key("square", ("v1",), [jnp.zeros((2, 3)), jnp.float32(0)]) != key
+    # An abstract argument is the same program as a concrete one on the default device.
+    abstract = (jax.ShapeDtypeStruct((2, 3), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+    assert compile_cache.executable_key("square", ("v1",), abstract) == key
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert compile_cache.executable_key("square", ("v1",), args) != key
+
+
+def test_an_unreadable_executable_is_recompiled_and_replaced(executables, caplog):
+    from seal_jax import compile_cache
+
+    args = (jnp.ones((4,)), jnp.float32(2))
+    lowered = []
+    compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
+    (path,) = executables.glob("square-*.jaxexe")
+    path.write_bytes(b"not an executable")
+    before = compile_cache.executable_counts()
+    with caplog.at_level("WARNING"):
+        compiled = compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
+    assert float(compiled(*args)) == 6.0 and len(lowered) == 2
+    assert "could not be loaded" in caplog.text
+    assert compile_cache.executable_counts()["unreadable"] == before["unreadable"] + 1
+    compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
+    assert len(lowered) == 2  # the rewritten entry loads
+
+
+def test_the_environment_switch_turns_the_executables_off(executables, monkeypatch):
+    from seal_jax import compile_cache
+
+    monkeypatch.setenv(compile_cache.EXECUTABLES_ENV, "0")
+    args = (jnp.ones((3,)), jnp.float32(0))
+    lowered = []
+    for _ in range(2):
+        compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
+    assert len(lowered) == 2 and not executables.exists()
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_a_second_precompile_loads_the_training_programs_and_trains_the_same(executables, on_mesh):
+    """The E-step's precompile in a later process (here: after its in-memory programs are dropped)
+    loads every chunk program instead of tracing it, and the calls train bit for bit as before."""
+    from seal_jax import compile_cache, inner, sharding
+    from seal_jax.model import transformer
+    from seal_jax.model.config import LoraConfig
+    from seal_jax.model.presets import get_preset
+
+    cfg = get_preset("tiny-llama")
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+    ic = inner.InnerConfig(epochs=1, steps_per_chunk=4, length_buckets=(16, 32))
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    cands = [inner.CandidateData([rng.integers(3, cfg.vocab_size, size=n).astype(np.int32) for n in lens])
+             for lens in ([10, 20], [5, 30, 12], [28])]
+    plan = inner.build_plan(cands, None, ic, pad_id=2)
+    mesh = sharding.make_mesh({"axes": {"candidate": -1}}) if on_mesh else None
+
+    def run():
+        inner.clear_compiled()
+        programs = inner.precompile(params, [plan], cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
+        result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
+        return programs, jax.tree.map(np.asarray, (result.lora, result.losses))
+
+    before = compile_cache.executable_counts()
+    programs, first = run()
+    stored = compile_cache.executable_counts()["stored"] - before["stored"]
+    assert programs >= 2 and stored == programs
+    loaded_before = compile_cache.executable_counts()["loaded"]
+    _, second = run()
+    assert compile_cache.executable_counts()["loaded"] - loaded_before == programs
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(a, b)
