@@ -176,3 +176,53 @@ def test_a_second_precompile_loads_the_training_programs_and_trains_the_same(exe
     assert compile_cache.executable_counts()["loaded"] - loaded_before == programs
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(a, b)
+
+
+_MESH_CHILD = textwrap.dedent("""
+    import json, sys
+    import jax
+    import numpy as np
+    from seal_jax import compile_cache, inner, sharding
+    from seal_jax.model import transformer
+    from seal_jax.model.config import LoraConfig
+    from seal_jax.model.presets import get_preset
+
+    compile_cache.enable(sys.argv[1])
+    cfg = get_preset("tiny-llama")
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+    ic = inner.InnerConfig(epochs=1, steps_per_chunk=4, length_buckets=(16, 32))
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    cands = [inner.CandidateData([rng.integers(3, cfg.vocab_size, size=n).astype(np.int32) for n in lens])
+             for lens in ([10, 20], [5, 30, 12], [28], [7, 9])]
+    plan = inner.build_plan(cands, None, ic, pad_id=2)
+    mesh = sharding.make_mesh({"axes": {"candidate": 4, "fsdp": 2}})
+
+    def run():
+        inner.clear_compiled()
+        programs = inner.precompile(params, [plan], cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
+        result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
+        return programs, [np.asarray(x) for x in jax.tree.leaves((result.lora, result.losses))]
+
+    programs, first = run()
+    stored = compile_cache.executable_counts()["stored"]
+    _, second = run()
+    print("RESULT " + json.dumps({
+        "devices": len(jax.devices()), "programs": programs, "stored": stored,
+        "loaded": compile_cache.executable_counts()["loaded"],
+        "same": all(np.array_equal(a, b, equal_nan=True) for a, b in zip(first, second))}))
+""")
+
+
+def test_programs_on_an_8_device_mesh_are_loaded_and_train_the_same(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SEAL_JAX_EXECUTABLE_CACHE="1")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                        " --xla_backend_optimization_level=0").strip()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _MESH_CHILD, str(tmp_path / "xla_cache")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert out["devices"] == 8 and out["programs"] >= 1
+    assert out["stored"] == out["programs"] and out["loaded"] == out["programs"], out
+    assert out["same"], out
