@@ -22,6 +22,7 @@ whose key is the lowered program itself.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -77,6 +78,8 @@ def _executables_directory() -> Optional[pathlib.Path]:
     root = directory()
     if root is None or os.environ.get(EXECUTABLES_ENV, "1").strip() == "0":
         return None
+    if jax.process_count() > 1:
+        return None  # programs over several processes compile in lockstep, each process its own
     return pathlib.Path(root) / EXECUTABLES_DIR
 
 
@@ -152,9 +155,34 @@ def _store(path: pathlib.Path, compiled) -> None:
     os.replace(tmp, path)  # readers see a whole entry or none
 
 
+# Whether the compile running on this thread was read from XLA's cache (a jax.monitoring event, recorded
+# on the compiling thread). Such an executable is not stored again: on XLA:CPU (jax 0.10) one that XLA's
+# cache had loaded serialized without all its code, and the copy failed when it ran ("Function ... not
+# found"). A program XLA's cache already holds is then compiled from that cache, as before.
+_compile_reads = threading.local()
+_listener_registered = []
+
+
+def _note_cache_hit(event: str, **_kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _compile_reads.hit = True
+
+
+def _compile_fresh(lower: Callable[[], Any]):
+    """(compiled, whether it was compiled here rather than read from XLA's cache)."""
+    with _counts_lock:
+        if not _listener_registered:
+            jax.monitoring.register_event_listener(_note_cache_hit)
+            _listener_registered.append(True)
+    _compile_reads.hit = False
+    compiled = lower().compile()
+    return compiled, not _compile_reads.hit
+
+
 def executable(name: str, static: Any, args: Any, lower: Callable[[], Any]):
     """The compiled program for `args`: loaded from the cache when an earlier process stored it, else
-    `lower()` (a jax.stages.Lowered) compiled, and stored when a cache is enabled.
+    `lower()` (a jax.stages.Lowered) compiled, and stored when a cache is enabled and XLA compiled it
+    (rather than reading it from its own cache).
 
     `static` holds every setting the traced function depends on besides `args` (hashable configs;
     its repr is part of the key). Only for programs of this process's own devices: a mesh that spans
@@ -170,8 +198,10 @@ def executable(name: str, static: Any, args: Any, lower: Callable[[], Any]):
             _count("unreadable")
             log.warning("compile cache: recompiling %s: its cached executable could not be loaded (%s)",
                         path.name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-    compiled = lower().compile()
-    if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # replaced below when XLA compiles it; never read again either way
+    compiled, fresh = _compile_fresh(lower)
+    if path is not None and fresh:
         try:
             _store(path, compiled)
             _count("stored")
@@ -179,3 +209,68 @@ def executable(name: str, static: Any, args: Any, lower: Callable[[], Any]):
             log.warning("compile cache: %s not kept (%s)", path.name,
                         str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
     return compiled
+
+
+_CACHED_JITS: list = []  # every CachedJit, for `clear_programs`
+
+
+def clear_programs() -> None:
+    """Drop the executables CachedJit functions hold in this process (jax.clear_caches does not see
+    them); the next call loads or compiles again."""
+    for function in list(_CACHED_JITS):
+        function._programs.clear()
+
+
+class CachedJit:
+    """`jax.jit(fun, static_argnames=..., donate_argnums=...)` whose compiled programs go through
+    `executable` (kept across processes) while an executable cache is enabled, and plain jit
+    otherwise. Dynamic arguments are positional, static ones keywords (as the decode functions
+    take them); each distinct signature is compiled or loaded once per process."""
+
+    def __init__(self, fun: Callable, *, name: str, static_argnames: tuple = (), donate_argnums: tuple = ()):
+        self.name = name
+        self._static_argnames = tuple(static_argnames)
+        self._jitted = jax.jit(fun, static_argnames=self._static_argnames, donate_argnums=donate_argnums)
+        self._programs: dict = {}
+        self._locks: dict = {}
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, fun)
+        _CACHED_JITS.append(self)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        """Distinct programs compiled or loaded in this process (as jax.jit's `_cache_size`)."""
+        return self._jitted._cache_size() + len(self._programs)  # noqa: SLF001
+
+    def __call__(self, *args, **static):
+        if _executables_directory() is None:
+            return self._jitted(*args, **static)
+        unknown = set(static) - set(self._static_argnames)
+        if unknown:
+            raise TypeError(f"{self.name}: dynamic arguments are positional; got keywords {sorted(unknown)}")
+        static_items = tuple(sorted(static.items()))
+        leaves, treedef = jax.tree.flatten(args)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return self._jitted(*args, **static)  # called inside another traced function
+        memo = (static_items, treedef, tuple(
+            (getattr(x, "shape", ()), getattr(x, "dtype", type(x)), getattr(x, "weak_type", False),
+             getattr(x, "sharding", None)) for x in leaves))
+        compiled = self._programs.get(memo)
+        if compiled is None:
+            with self._lock:
+                signature_lock = self._locks.setdefault(memo, threading.Lock())
+            with signature_lock:  # one compile or load per signature, also with several threads calling
+                compiled = self._programs.get(memo)
+                if compiled is None:
+                    compiled = executable(self.name, static_items, args,
+                                          lambda: self._jitted.lower(*args, **static))
+                    self._programs[memo] = compiled
+        return compiled(*args)
+
+
+def cached_jit(*, name: str, static_argnames: tuple = (), donate_argnums: tuple = ()):
+    """Decorator form of `CachedJit`."""
+    return lambda fun: CachedJit(fun, name=name, static_argnames=static_argnames,
+                                 donate_argnums=donate_argnums)

@@ -35,13 +35,13 @@ t)`, whichever row it occupies and whoever shares its batch.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
+from seal_jax import compile_cache
 from seal_jax.model import transformer
 from seal_jax.model.config import LoraConfig, ModelConfig
 
@@ -136,7 +136,7 @@ def state_logical_axes(state: State) -> State:
     return jax.tree.map(axes, state)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity",))
+@compile_cache.cached_jit(name="decode_resize", static_argnames=("capacity",))
 def resize(state: State, *, capacity: int) -> State:
     """Grow (zero-pad) or shrink the cache to `capacity` slots; the caller keeps live rows inside."""
     def fit(x):
@@ -147,7 +147,7 @@ def resize(state: State, *, capacity: int) -> State:
     return {**state, "k": tuple(map(fit, state["k"])), "v": tuple(map(fit, state["v"]))}
 
 
-@jax.jit
+@compile_cache.cached_jit(name="decode_split_layers")
 def split_layers(layers: Any) -> tuple:
     """Stacked `[L, ...]` layer params -> a tuple of L per-layer trees (one copy, once per call)."""
     num_layers = jax.tree.leaves(layers)[0].shape[0]
@@ -168,7 +168,7 @@ def _is_stop(tok_B, stop_BxS):
 # Prefill
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "prefill_chunk"))
+@compile_cache.cached_jit(name="decode_prefill", static_argnames=("cfg", "lora_cfg", "prefill_chunk"))
 def prefill(params, lora_LxK, adapters_R, tokens_RxP, mask_RxP, seed_R, request_R, temperature_R,
             top_p_R, *, cfg: ModelConfig, lora_cfg: Optional[LoraConfig], prefill_chunk: int):
     """Prefill R left-padded prompts (P = Q + 1 columns, Q a multiple of prefill_chunk or smaller
@@ -214,7 +214,7 @@ def prefill(params, lora_LxK, adapters_R, tokens_RxP, mask_RxP, seed_R, request_
     return to_slots(cache.k), to_slots(cache.v), first_R
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+@compile_cache.cached_jit(name="decode_install", donate_argnums=(0,))
 def install(state: State, rows_R, k_LxRxKxPxH, v_LxRxKxPxH, first_R, length_R, max_new_R, stop_RxS,
             temperature_R, top_p_R, seed_R, request_R) -> State:
     """Start R prefilled requests in rows `rows_R` (index B = a padding entry, dropped): their keys
@@ -316,9 +316,8 @@ def decode_weights(params, layers: tuple, cfg: ModelConfig) -> dict:
             "final_norm": params["final_norm"]["scale"], "head": head}
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "lora_cfg", "stochastic", "nucleus"), donate_argnums=(3,),
-)
+@compile_cache.cached_jit(name="decode_segment", static_argnames=("cfg", "lora_cfg", "stochastic", "nucleus"),
+                          donate_argnums=(3,))
 def decode_segment(weights, lora_LxK, adapters_G, state: State, exit_after, pad_id, *,
                    cfg: ModelConfig, lora_cfg: Optional[LoraConfig], stochastic: bool,
                    nucleus: bool) -> State:

@@ -72,8 +72,10 @@ def compiled_shape_count() -> int:
 
 
 def clear_compiled() -> None:
-    """Forget every compiled chunk program (benchmarks measuring a cold start; frees executables)."""
+    """Forget every compiled chunk program (benchmarks measuring a cold start; frees executables), and
+    the decode and scoring programs `compile_cache.CachedJit` holds."""
     step_lib.clear()
+    compile_cache.clear_programs()
 
 
 @dataclasses.dataclass

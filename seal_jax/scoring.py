@@ -9,7 +9,6 @@ inner loop (`seal_jax/loss.py`: the LM head applied in chunks, never the full [B
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
+from seal_jax import compile_cache
 from seal_jax.loss import next_token_nll
 from seal_jax.model.config import LoraConfig, ModelConfig
 from seal_jax.model.tokenizer import resolve_pad_id
@@ -37,7 +37,7 @@ class SequenceScores:
     mean_logprob: np.ndarray  # [N] float64
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
+@compile_cache.cached_jit(name="score_batch", static_argnames=("cfg", "lora_cfg"))
 def _score_batch(params, lora_LxK, adapters_G: Int[Array, " G"], tokens_BxT: Int[Array, "B T"],
                  segment_ids_BxT: Int[Array, "B T"], target_mask_BxT: Bool[Array, "B T"], *,
                  cfg: ModelConfig, lora_cfg: Optional[LoraConfig]):

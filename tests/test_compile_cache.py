@@ -127,8 +127,26 @@ def test_an_unreadable_executable_is_recompiled_and_replaced(executables, caplog
     assert float(compiled(*args)) == 6.0 and len(lowered) == 2
     assert "could not be loaded" in caplog.text
     assert compile_cache.executable_counts()["unreadable"] == before["unreadable"] + 1
-    compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
-    assert len(lowered) == 2  # the rewritten entry loads
+    # The damaged entry is gone: rewritten by the recompile, or removed where XLA's cache supplied it.
+    again = compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
+    assert float(again(*args)) == 6.0
+    assert compile_cache.executable_counts()["unreadable"] == before["unreadable"] + 1
+
+
+def test_a_program_read_from_xlas_cache_is_not_stored_again(executables):
+    """On XLA:CPU an executable that XLA's cache loaded serializes without all its code (its copy
+    failed when run), so only programs XLA compiled are stored."""
+    from seal_jax import compile_cache
+
+    args = (jnp.ones((5,)), jnp.float32(1))
+    jax.jit(_square_sum).lower(*args).compile()  # now in XLA's cache, not in the executables
+    jax.clear_caches()  # as a new process: the next compile reads XLA's cache
+    before = compile_cache.executable_counts()
+    lowered = []
+    compiled = compile_cache.executable("square", (), args, _counting_lower(_square_sum, args, lowered))
+    assert float(compiled(*args)) == 6.0 and len(lowered) == 1
+    assert compile_cache.executable_counts()["stored"] == before["stored"]
+    assert not list(executables.glob("square-*.jaxexe"))
 
 
 def test_the_environment_switch_turns_the_executables_off(executables, monkeypatch):
@@ -226,3 +244,50 @@ def test_programs_on_an_8_device_mesh_are_loaded_and_train_the_same(tmp_path):
     assert out["devices"] == 8 and out["programs"] >= 1
     assert out["stored"] == out["programs"] and out["loaded"] == out["programs"], out
     assert out["same"], out
+
+
+_DECODE_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import jax
+    from seal_jax import compile_cache
+    from seal_jax.model import transformer
+    from seal_jax.model.config import LoraConfig
+    from seal_jax.model.presets import get_preset
+    from seal_jax.sampling import SamplingParams, generate
+    from seal_jax.scoring import score_sequences
+    from random_lora import random_lora
+
+    compile_cache.enable(sys.argv[1])
+    cfg = get_preset("tiny-llama")
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    lora = random_lora(cfg, lora_cfg, 3, seed=1)
+    prompts = [[5 + i, 9, 11 + i, 3] for i in range(6)]
+    sampling = [SamplingParams(temperature=0.0 if i % 2 else 1.0, top_p=0.9, max_new_tokens=6 + i, seed=i)
+                for i in range(6)]
+    outs = generate(params, prompts, cfg=cfg, sampling=sampling, lora=lora, lora_cfg=lora_cfg,
+                    adapter_index=[i % 3 for i in range(6)], batch_size=4)
+    scores = score_sequences(params, prompts, [o.token_ids for o in outs], cfg=cfg, lora=lora,
+                             lora_cfg=lora_cfg, adapter_index=[i % 3 for i in range(6)], pad_id=0)
+    print("RESULT " + json.dumps({"tokens": [list(map(int, o.token_ids)) for o in outs],
+                                  "scores": [float(x) for x in scores.sum_logprob],
+                                  **compile_cache.executable_counts()}))
+""")
+
+
+def test_decode_and_scoring_programs_are_loaded_by_a_second_process_with_the_same_outputs(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SEAL_JAX_EXECUTABLE_CACHE="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", _DECODE_CHILD, str(tmp_path / "xla_cache")], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+
+    first, second = run(), run()
+    assert first["stored"] >= 4 and first["loaded"] == 0  # prefill, install, decode, scoring at least
+    assert second["loaded"] == first["stored"] and second["stored"] == 0
+    assert second["tokens"] == first["tokens"]
+    assert second["scores"] == first["scores"]
