@@ -33,11 +33,12 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _run(cache_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _run(cache_dir, child=_CHILD, **env_vars):
+    """The RESULT a child process prints, run on the CPU with `cache_dir` as its argument."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(cache_dir)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", child, str(cache_dir)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
@@ -160,52 +161,14 @@ def test_the_environment_switch_turns_the_executables_off(executables, monkeypat
     assert len(lowered) == 2 and not executables.exists()
 
 
-@pytest.mark.parametrize("on_mesh", [False, True])
-def test_a_second_precompile_loads_the_training_programs_and_trains_the_same(executables, on_mesh):
-    """The E-step's precompile in a later process (here: after its in-memory programs are dropped)
-    loads every chunk program instead of tracing it, and the calls train bit for bit as before."""
+def training_twice(mesh_axes=None) -> dict:
+    """Precompile and train a small plan twice, the in-memory programs dropped in between (as a new
+    process would start); the executables stored and loaded, and whether both trained the same."""
     from seal_jax import compile_cache, inner, sharding
     from seal_jax.model import transformer
     from seal_jax.model.config import LoraConfig
     from seal_jax.model.presets import get_preset
 
-    cfg = get_preset("tiny-llama")
-    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
-    ic = inner.InnerConfig(epochs=1, steps_per_chunk=4, length_buckets=(16, 32))
-    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    cands = [inner.CandidateData([rng.integers(3, cfg.vocab_size, size=n).astype(np.int32) for n in lens])
-             for lens in ([10, 20], [5, 30, 12], [28])]
-    plan = inner.build_plan(cands, None, ic, pad_id=2)
-    mesh = sharding.make_mesh({"axes": {"candidate": -1}}) if on_mesh else None
-
-    def run():
-        inner.clear_compiled()
-        programs = inner.precompile(params, [plan], cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
-        result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
-        return programs, jax.tree.map(np.asarray, (result.lora, result.losses))
-
-    before = compile_cache.executable_counts()
-    programs, first = run()
-    stored = compile_cache.executable_counts()["stored"] - before["stored"]
-    assert programs >= 2 and stored == programs
-    loaded_before = compile_cache.executable_counts()["loaded"]
-    _, second = run()
-    assert compile_cache.executable_counts()["loaded"] - loaded_before == programs
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
-        np.testing.assert_array_equal(a, b)
-
-
-_MESH_CHILD = textwrap.dedent("""
-    import json, sys
-    import jax
-    import numpy as np
-    from seal_jax import compile_cache, inner, sharding
-    from seal_jax.model import transformer
-    from seal_jax.model.config import LoraConfig
-    from seal_jax.model.presets import get_preset
-
-    compile_cache.enable(sys.argv[1])
     cfg = get_preset("tiny-llama")
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
     ic = inner.InnerConfig(epochs=1, steps_per_chunk=4, length_buckets=(16, 32))
@@ -214,7 +177,7 @@ _MESH_CHILD = textwrap.dedent("""
     cands = [inner.CandidateData([rng.integers(3, cfg.vocab_size, size=n).astype(np.int32) for n in lens])
              for lens in ([10, 20], [5, 30, 12], [28], [7, 9])]
     plan = inner.build_plan(cands, None, ic, pad_id=2)
-    mesh = sharding.make_mesh({"axes": {"candidate": 4, "fsdp": 2}})
+    mesh = None if mesh_axes is None else sharding.make_mesh({"axes": mesh_axes})
 
     def run():
         inner.clear_compiled()
@@ -222,25 +185,39 @@ _MESH_CHILD = textwrap.dedent("""
         result = inner.train_candidates(params, plan, cfg=cfg, lora_cfg=lora_cfg, inner_cfg=ic, mesh=mesh)
         return programs, [np.asarray(x) for x in jax.tree.leaves((result.lora, result.losses))]
 
+    before = compile_cache.executable_counts()
     programs, first = run()
-    stored = compile_cache.executable_counts()["stored"]
+    stored = compile_cache.executable_counts()["stored"] - before["stored"]
+    loaded_before = compile_cache.executable_counts()["loaded"]
     _, second = run()
-    print("RESULT " + json.dumps({
-        "devices": len(jax.devices()), "programs": programs, "stored": stored,
-        "loaded": compile_cache.executable_counts()["loaded"],
-        "same": all(np.array_equal(a, b, equal_nan=True) for a, b in zip(first, second))}))
+    return {"devices": len(jax.devices()), "programs": programs, "stored": stored,
+            "loaded": compile_cache.executable_counts()["loaded"] - loaded_before,
+            "same": all(np.array_equal(a, b, equal_nan=True) for a, b in zip(first, second))}
+
+
+def test_a_second_precompile_loads_the_training_programs_and_trains_the_same(executables):
+    """The E-step's precompile in a later process loads every chunk program instead of tracing it,
+    and the calls train bit for bit as before."""
+    out = training_twice()
+    assert out["programs"] >= 2 and out["stored"] == out["loaded"] == out["programs"], out
+    assert out["same"], out
+
+
+_MESH_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    from seal_jax import compile_cache
+    from test_compile_cache import training_twice
+
+    compile_cache.enable(sys.argv[1])
+    print("RESULT " + json.dumps(training_twice({"candidate": 4, "fsdp": 2})))
 """)
 
 
 def test_programs_on_an_8_device_mesh_are_loaded_and_train_the_same(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", SEAL_JAX_EXECUTABLE_CACHE="1")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                        " --xla_backend_optimization_level=0").strip()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _MESH_CHILD, str(tmp_path / "xla_cache")], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+             " --xla_backend_optimization_level=0").strip()
+    out = _run(tmp_path / "xla_cache", _MESH_CHILD, SEAL_JAX_EXECUTABLE_CACHE="1", XLA_FLAGS=flags)
     assert out["devices"] == 8 and out["programs"] >= 1
     assert out["stored"] == out["programs"] and out["loaded"] == out["programs"], out
     assert out["same"], out
@@ -277,14 +254,8 @@ _DECODE_CHILD = textwrap.dedent("""
 
 
 def test_decode_and_scoring_programs_are_loaded_by_a_second_process_with_the_same_outputs(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", SEAL_JAX_EXECUTABLE_CACHE="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-
     def run():
-        proc = subprocess.run([sys.executable, "-c", _DECODE_CHILD, str(tmp_path / "xla_cache")], env=env,
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+        return _run(tmp_path / "xla_cache", _DECODE_CHILD, SEAL_JAX_EXECUTABLE_CACHE="1")
 
     first, second = run(), run()
     assert first["stored"] >= 4 and first["loaded"] == 0  # prefill, install, decode, scoring at least
