@@ -94,15 +94,21 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def environment_fingerprint() -> str:
-    """What, besides a program's own key, decides its executable (not cached: devices and flags may
-    change between calls in tests)."""
+@functools.lru_cache(maxsize=None)
+def _library_versions() -> tuple:
     versions = []
     for package in ("jax", "jaxlib", "flax", "optax", "chex"):
         try:
             versions.append(f"{package}={importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{package}=-")
+    return tuple(versions)
+
+
+def environment_fingerprint() -> str:
+    """What, besides a program's own key, decides its executable (not cached: devices and flags may
+    change between calls in tests)."""
+    versions = _library_versions()
     devices = jax.devices()
     options = {name: getattr(jax.config, name, None) for name in (
         "jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
@@ -151,8 +157,12 @@ def _store(path: pathlib.Path, compiled) -> None:
     blob = pickle.dumps(serialize_executable.serialize(compiled))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)  # readers see a whole entry or none
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)  # readers see a whole entry or none
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # left only by a failed write
 
 
 # Whether the compile running on this thread was read from XLA's cache (a jax.monitoring event, recorded
