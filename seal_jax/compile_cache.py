@@ -14,8 +14,9 @@ warm start (the paper E-step's ~20-30 programs, ~0.9 s each on an H200 host, one
 `directory/executables/`, keyed by what decides the program without tracing it: a name, the static
 settings' repr, the arguments' tree, shapes, dtypes and placements, and a fingerprint of the
 environment (seal_jax's source, the JAX/Flax/optax versions, the backend and its devices, XLA_FLAGS
-and the JAX options that change tracing). A later process loads it in ~0.15 s instead. Anything
-unreadable is recompiled (and rewritten); anything that cannot be serialized is only compiled.
+and the JAX options that change tracing). A later process loads it in ~0.15 s instead. An
+unreadable entry is removed and the program compiled again; one that cannot be serialized is only
+compiled. `CachedJit` is a jax.jit that does the same (the decode and scoring functions).
 The key does not see code changed at run time (a monkeypatched function inside a traced program, as
 tests and fault injection do): `SEAL_JAX_EXECUTABLE_CACHE=0` turns this part off, leaving XLA's cache,
 whose key is the lowered program itself.
@@ -34,6 +35,8 @@ import threading
 from typing import Any, Callable, Optional
 
 import jax
+
+from seal_jax.errors import brief
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def directory() -> Optional[str]:
 
 
 def executable_counts() -> dict:
-    """Executables this process loaded from / stored to the cache, and unreadable entries replaced."""
+    """Executables this process loaded from / stored to the cache, and unreadable entries removed."""
     with _counts_lock:
         return dict(_counts)
 
@@ -170,7 +173,6 @@ def _store(path: pathlib.Path, compiled) -> None:
 # cache had loaded serialized without all its code, and the copy failed when it ran ("Function ... not
 # found"). A program XLA's cache already holds is then compiled from that cache, as before.
 _compile_reads = threading.local()
-_listener_registered = []
 
 
 def _note_cache_hit(event: str, **_kwargs) -> None:
@@ -178,12 +180,11 @@ def _note_cache_hit(event: str, **_kwargs) -> None:
         _compile_reads.hit = True
 
 
+jax.monitoring.register_event_listener(_note_cache_hit)
+
+
 def _compile_fresh(lower: Callable[[], Any]):
     """(compiled, whether it was compiled here rather than read from XLA's cache)."""
-    with _counts_lock:
-        if not _listener_registered:
-            jax.monitoring.register_event_listener(_note_cache_hit)
-            _listener_registered.append(True)
     _compile_reads.hit = False
     compiled = lower().compile()
     return compiled, not _compile_reads.hit
@@ -195,8 +196,8 @@ def executable(name: str, static: Any, args: Any, lower: Callable[[], Any]):
     (rather than reading it from its own cache).
 
     `static` holds every setting the traced function depends on besides `args` (hashable configs;
-    its repr is part of the key). Only for programs of this process's own devices: a mesh that spans
-    processes compiles in lockstep and is not cached here."""
+    its repr is part of the key). With several processes nothing is loaded or stored: their programs
+    compile in lockstep, each process its own (`_executables_directory`)."""
     folder = _executables_directory()
     path = None if folder is None else folder / f"{executable_key(name, static, args)}.jaxexe"
     if path is not None and path.exists():
@@ -207,7 +208,7 @@ def executable(name: str, static: Any, args: Any, lower: Callable[[], Any]):
         except Exception as e:  # noqa: BLE001 - a damaged or foreign entry costs one compile
             _count("unreadable")
             log.warning("compile cache: recompiling %s: its cached executable could not be loaded (%s)",
-                        path.name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                        path.name, brief(e, 200))
             with contextlib.suppress(OSError):
                 path.unlink()  # replaced below when XLA compiles it; never read again either way
     compiled, fresh = _compile_fresh(lower)
@@ -216,8 +217,7 @@ def executable(name: str, static: Any, args: Any, lower: Callable[[], Any]):
             _store(path, compiled)
             _count("stored")
         except Exception as e:  # noqa: BLE001 - not every executable serializes; it still runs
-            log.warning("compile cache: %s not kept (%s)", path.name,
-                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            log.warning("compile cache: %s not kept (%s)", path.name, brief(e, 200))
     return compiled
 
 

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+def brief(error: BaseException, limit: int = 300) -> str:
+    """An error's first line (its type's name if it has no message), short enough for a log line and a
+    record's reason."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 EXIT_USER_ERROR = 2  # like argparse/absl usage errors: the input is wrong, not the program
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
 

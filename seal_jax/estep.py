@@ -36,6 +36,7 @@ from seal_jax import distributed as dist
 from seal_jax import inner, interrupt
 from seal_jax.domain import CandidateFailure, CandidateSpec, Domain, Score
 from seal_jax.engine import Engine, evaluate_contexts
+from seal_jax.errors import brief
 from seal_jax.rundir import record_key, training_config_hash
 
 log = logging.getLogger(__name__)
@@ -243,14 +244,14 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
                 if lockstep:
                     raise
                 log.warning("%s: a training call of %d candidates failed on the device (%s); trying it "
-                            "again once the evaluations beside it are done", phase, len(chunk), _brief(e))
+                            "again once the evaluations beside it are done", phase, len(chunk), brief(e))
                 settle(0)
                 try:
                     result = engine.train(specs, seeds)
                 except jax.errors.JaxRuntimeError as e2:
                     log.error("%s: the training call of %d candidates failed again (%s); they are recorded "
-                              "as failed", phase, len(chunk), _brief(e2))
-                    failure = f"training call failed on the device: {_brief(e2)}"
+                              "as failed", phase, len(chunk), brief(e2))
+                    failure = f"training call failed on the device: {brief(e2)}"
             bar.update(1)
             settle(evaluations_ahead - 1)
             if failure is None:
@@ -264,11 +265,6 @@ def score_self_edits(engine: Engine, domain: Domain, items: Sequence[tuple[Any, 
     for outcome in outcomes:
         summarize(outcome)
     return outcomes
-
-
-def _brief(error: BaseException) -> str:
-    """An error's first line, short enough for a log line and a record's reason."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def summarize(outcome: EditOutcome) -> EditOutcome:

@@ -57,6 +57,7 @@ from seal_jax import interrupt
 from seal_jax import lora as lora_lib
 from seal_jax import sharding as shard_lib
 from seal_jax import train_step as step_lib
+from seal_jax.errors import brief
 from seal_jax.model.config import LoraConfig, ModelConfig
 from seal_jax.train_plan import (HPARAM_KEYS, OVERLONG, SCHEDULES, SHUFFLES, CandidateData,  # noqa: F401
                                  InnerConfig, PackedStepBatch, StepBatch, TrainPlan, bucket, build_plan,
@@ -622,11 +623,8 @@ def _compile(step_cfg: StepConfig, mesh, rules, frozen, state, xs, *, skip_compi
                 with _lowering_turn():
                     return jitted.lower(*args)
 
-            if mesh is not None and dist.spans_processes(mesh):
-                compiled = lower().compile()  # compiled by every process in lockstep, not kept
-            else:
-                # A warm run loads it without tracing: tracing and lowering were most of a warm start.
-                compiled = compile_cache.executable("train_chunk", key, args, lower)
+            # A warm run loads it without tracing: tracing and lowering were most of a warm start.
+            compiled = compile_cache.executable("train_chunk", key, args, lower)
             step_lib.PRECOMPILED[shape_key] = compiled
             step_lib.COMPILED_SHAPES.add(shape_key)
     return compiled, shape_key
@@ -917,7 +915,7 @@ class BackgroundCompile:
                 future.add_done_callback(self._job_done)
         except Exception as e:  # noqa: BLE001 - planning failed: the calls plan (and report) themselves
             log.warning("inner loop: precompile stopped planning (%s); the calls compile the rest",
-                        str(e).splitlines()[0][:200])
+                        brief(e, 200))
         finally:
             self._pool.shutdown(wait=False)  # the threads end after the last job
             self._job_done(None)
@@ -1003,7 +1001,7 @@ def start_precompile(base_params, plans: Iterable[TrainPlan], *, cfg: ModelConfi
                 _chunk_program(step_cfg, mode, mesh, piece_rules, frozen, state, xs, limit=limit, free=free)
         except Exception as e:  # noqa: BLE001 - the call itself compiles (and reports) it again
             log.warning("inner loop: precompiling %s failed (%s); left to the call", _describe(xs),
-                        str(e).splitlines()[0][:200])
+                        brief(e, 200))
 
     def jobs():
         seen = set()
