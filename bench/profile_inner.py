@@ -67,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--group", type=int, default=0, help="which call of the round (0: the most work)")
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (0: every layer)")
     ap.add_argument("--attention", default="xla", help="ModelConfig.attention_impl: xla, cudnn or auto")
+    ap.add_argument("--inner", action="append", default=[], metavar="KEY=VALUE",
+                    help="InnerConfig override for --self-edits (e.g. pack_row_segments=8); repeatable")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
 
@@ -79,6 +81,9 @@ def main(argv=None):
         from seal_jax.model.loading import load_tokenizer  # noqa: PLC0415
         tokenizer = load_tokenizer(args.tokenizer)
         icfg = inner.InnerConfig(epochs=args.epochs, append_eos=True)  # the knowledge config's
+        for item in args.inner:
+            key, value = item.split("=", 1)
+            icfg = icfg.replace(**{key: type(getattr(icfg, key))(value)})
         cands = selfedit_candidates(tokenizer, args.self_edits, 50, 5, 3)
         hparams = inner.pin_seeds(None, len(cands))
         group = inner.group_candidates(cands, hparams, icfg, args.k)[args.group]
@@ -138,7 +143,7 @@ def main(argv=None):
         "model": args.model, "k": args.k, "scan_unroll": cfg.scan_unroll, "steps": steps, "wall_s": wall,
         "workload": "self-edits, call %d" % args.group if args.self_edits else "uniform",
         "token_counts": {k: round(float(v), 4) for k, v in plan.token_counts().items()},
-        "attention": args.attention, "programs": programs, "precompile_s": round(precompile_s, 1),
+        "attention": args.attention, "inner_overrides": args.inner, "programs": programs, "precompile_s": round(precompile_s, 1),
         # Each candidate's loss at its last step: compared between runs of other settings (e.g.
         # attention implementations), it shows they train the same function.
         "last_losses": [None if v is None else round(v, 5) for v in (

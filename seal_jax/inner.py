@@ -254,11 +254,10 @@ def _chunk_batches(plan: TrainPlan, steps_per_chunk: int, packed: bool):
 
 
 def _program_dims(xs) -> tuple:
-    """The shape of a chunk program's step batch: (K, B, T) per candidate, (R, T, "packed", K, M, U)
-    for packed rows (U: members per step)."""
+    """The shape of a chunk program's step batch: (K, B, T) per candidate, (R, T, "packed", K, U, N)
+    for packed rows (U: members per step, N: token places per member)."""
     if isinstance(xs, PackedStepBatch):
-        return (*xs.tokens.shape[1:], "packed", xs.lr.shape[1], xs.row_adapters.shape[2],
-                xs.members.shape[1])
+        return (*xs.tokens.shape[1:], "packed", xs.lr.shape[1], *xs.member_tokens.shape[1:])
     return tuple(xs.tokens.shape[1:4])
 
 

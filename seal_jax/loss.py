@@ -52,15 +52,15 @@ def chunked_nll(hidden_NxD: Float[Array, "N D"], head_DxV: Float[Array, "D V"],
 def next_token_nll(params, tokens_BxT: Int[Array, "B T"], *, cfg: ModelConfig, lora=None,
                    lora_cfg: Optional[LoraConfig] = None, positions_BxT=None, segment_ids_BxT=None,
                    dropout_rng=None, chunk_tokens: Optional[int] = 1024,
-                   lora_rows_BxM=None) -> Float[Array, "B T-1"]:
+                   lora_tokens_GxN=None) -> Float[Array, "B T-1"]:
     """NLL of tokens[:, 1:] given their prefixes, float32 [B, T-1] (position t predicts t+1).
 
     Masking of targets is the caller's (a weight per position); padding handled by segment ids as
-    in `transformer.forward` (and packed rows of several adapters by `lora_rows_BxM`, as there).
+    in `transformer.forward` (and packed rows of several adapters by `lora_tokens_GxN`, as there).
     """
     targets_BxT1 = tokens_BxT[:, 1:]
     kw = dict(cfg=cfg, lora=lora, lora_cfg=lora_cfg, positions_BxT=positions_BxT,
-              segment_ids_BxT=segment_ids_BxT, dropout_rng=dropout_rng, lora_rows_BxM=lora_rows_BxM)
+              segment_ids_BxT=segment_ids_BxT, dropout_rng=dropout_rng, lora_tokens_GxN=lora_tokens_GxN)
     if chunk_tokens is None:
         logits_BxTxV = transformer.forward(params, tokens_BxT, **kw)[:, :-1]
         b, t1, v = logits_BxTxV.shape

@@ -193,21 +193,22 @@ class StepBatch:
 class PackedStepBatch:
     """The inputs of packed optimizer steps (`InnerConfig.packing`), leaves [C, ...] for a chunk of C
     steps: the sequences of all K candidates at a step share R rows of T tokens. Segment j of a row
-    (segment id j + 1; 0 = padding) is one sequence of candidate `row_adapters[r, j]`; its positions
-    restart at 0 and it attends only to itself.
+    (segment id j + 1; 0 = padding) is one sequence; its positions restart at 0 and it attends only to
+    itself.
 
     A step updates only its members: the candidates active at that step, at most U = min(K, R x M)
-    of them (each has a sequence in some slot). The device gathers their adapters and optimizer state,
-    trains and updates those, and writes them back, so a step costs its members, not all K of the call:
-    the longest candidates of a call run hundreds of steps after the others have finished.
+    of them (M: the most sequences a row holds). The device gathers their adapters and optimizer
+    state, trains and updates those, and writes them back, so a step costs its members, not all K of
+    the call: the longest candidates of a call run hundreds of steps after the others have finished.
+    Member u's adapter applies to the tokens `member_tokens[u]` lists (flat positions r * T + t in the
+    rows; its B sequences, each in a block of T places; R * T where unused).
     """
 
     tokens: Int[np.ndarray, "C R T"]
     segments: Int[np.ndarray, "C R T"]
     loss_mask: Float[np.ndarray, "C R T"]  # target weight per token (0 at each sequence's first token)
-    row_adapters: Int[np.ndarray, "C R M"]  # candidate of each segment slot (0 where unused)
     members: Int[np.ndarray, "C U"]  # candidates this step updates, ascending; >= K where unused
-    row_members: Int[np.ndarray, "C R M"]  # member (index into `members`) of each slot, 0 where unused
+    member_tokens: Int[np.ndarray, "C U N"]  # N = B x T
     lr: Float[np.ndarray, "C K"]
     active: Bool[np.ndarray, "C K"]
     step: Int[np.ndarray, "C K"]
@@ -378,7 +379,6 @@ class TrainPlan:
         tokens = np.full((pad_to, rows, length), self.pad_id, np.int32)
         seg = np.zeros((pad_to, rows, length), np.int32)
         mask = np.zeros((pad_to, rows, length), np.float32)
-        adapters = np.zeros((pad_to, rows, segments), np.int32)
         active = np.zeros((pad_to, k_count), bool)
         active[: stop - start] = self.active_KxS[:, start:stop].T
         # Members: every candidate active at the step (each has a sequence in a slot, so at most
@@ -393,6 +393,8 @@ class TrainPlan:
             ks = np.flatnonzero(active[c])
             members[c, : len(ks)] = ks
             member_of[c, ks] = np.arange(len(ks), dtype=np.int32)
+        b_count = self.batch_size
+        member_tokens = np.full((pad_to, member_count, b_count * length), rows * length, np.int32)
         for c, s in enumerate(range(start, stop)):
             for k, b in zip(*np.nonzero(layout.row_KxSxB[:, s] >= 0)):
                 n = self.batch_index_KxSxB[k, s, b]
@@ -402,15 +404,14 @@ class TrainPlan:
                 tokens[c, row, off: off + size] = self.tokens_KxNxT[k, n, :size]
                 seg[c, row, off: off + size] = slot + 1
                 mask[c, row, off + 1: off + size] = self.loss_mask_KxNxT[k, n, 1:size]
-                adapters[c, row, slot] = k
+                member_tokens[c, member_of[c, k], b * length: b * length + size] = (
+                    row * length + off + np.arange(size, dtype=np.int32))
         lr = np.zeros((pad_to, k_count), np.float32)
         lr[: stop - start] = self.lr_KxS[:, start:stop].T
         step = np.broadcast_to(np.arange(start, start + pad_to, dtype=np.int32)[:, None],
                                (pad_to, k_count)).copy()
-        row_members = np.take_along_axis(member_of[:, None, :], adapters.reshape(pad_to, 1, -1),
-                                         axis=2).reshape(adapters.shape)
-        return PackedStepBatch(tokens=tokens, segments=seg, loss_mask=mask, row_adapters=adapters,
-                               members=members, row_members=row_members, lr=lr, active=active, step=step)
+        return PackedStepBatch(tokens=tokens, segments=seg, loss_mask=mask, members=members,
+                               member_tokens=member_tokens, lr=lr, active=active, step=step)
 
     @property
     def packs_rows(self) -> bool:

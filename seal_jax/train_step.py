@@ -200,26 +200,19 @@ def _packed_objective(step_cfg: StepConfig, frozen, lora_U, x: PackedStepBatch):
     """(sum over the step's members of each one's mean target NLL, (NLL sums [U], target counts [U]))
     of one packed step. Candidates share no parameter and no attention, so the gradient of the sum
     with respect to member u's adapter is the gradient of that candidate's own loss."""
-    member_count = x.members.shape[0]
-    rows, slots = x.row_members.shape
-    # Each slot's adapter, for all layers at once: one gather (and, backwards, one scatter-add) per
-    # step instead of one per layer. [U, L, ...] -> [L, R, M, ...], cast to the compute dtype first
-    # (the same values as casting per layer after the gather), so the transpose moves half the bytes.
-    slot_index = x.row_members.reshape(-1)
-
-    def per_slot(a):
-        a = jnp.take(a.astype(step_cfg.cfg.dtype), slot_index, axis=0)
-        return jnp.moveaxis(a.reshape(rows, slots, *a.shape[1:]), 2, 0)
-
-    lora_slots = jax.tree.map(per_slot, lora_U)
-    nll_RxT1 = next_token_nll(frozen, x.tokens, cfg=step_cfg.cfg, lora=lora_slots, lora_cfg=step_cfg.lora_cfg,
+    member_count, per_member = x.member_tokens.shape
+    rows, t = x.tokens.shape
+    # The members' adapters layer-major ([U, L, ...] -> [L, U, ...]) for the layer scan, cast to the
+    # compute dtype first (the values a per-layer cast would give), so the transpose moves half the bytes.
+    lora_LxU = jax.tree.map(lambda a: jnp.moveaxis(a.astype(step_cfg.cfg.dtype), 0, 1), lora_U)
+    nll_RxT1 = next_token_nll(frozen, x.tokens, cfg=step_cfg.cfg, lora=lora_LxU, lora_cfg=step_cfg.lora_cfg,
                               segment_ids_BxT=x.segments, chunk_tokens=step_cfg.loss_chunk_tokens,
-                              lora_rows_BxM=x.row_members)
+                              lora_tokens_GxN=x.member_tokens)
     weight_RxT1 = x.loss_mask[:, 1:]
-    # The target token's segment names the member; padding (segment 0) goes to a dropped bin U.
-    seg_RxT1 = x.segments[:, 1:]
-    owner_RxT1 = jnp.where(seg_RxT1 > 0, jnp.take_along_axis(x.row_members, jnp.maximum(seg_RxT1 - 1, 0),
-                                                             axis=1), member_count)
+    # Each target token's member, from its place in the members' token lists; padding (no member)
+    # goes to a dropped bin U.
+    place_RxT = transformer.lora_token_maps(x.member_tokens, rows * t)[1].reshape(rows, t)
+    owner_RxT1 = jnp.minimum(place_RxT[:, 1:] // per_member, member_count)
     # where, not a product: a 0-weight position of a non-finite neighbour must not turn into NaN.
     weighted = jnp.where(weight_RxT1 > 0, weight_RxT1 * nll_RxT1, 0.0).reshape(-1)
     loss_sum_U = jax.ops.segment_sum(weighted, owner_RxT1.reshape(-1), member_count + 1)[:member_count]

@@ -93,7 +93,8 @@ def test_packed_gather_holds_every_candidate_sequence_with_its_adapter_and_targe
     for start, stop, length, rows, slots in plan.packed_chunks(ic.steps_per_chunk):
         batch = plan.gather_packed(start, stop, length, rows, slots, ic.steps_per_chunk)
         assert batch.tokens.shape == (ic.steps_per_chunk, rows, length)
-        assert batch.row_adapters.shape[2] == slots <= 2 and (batch.segments <= slots).all()
+        assert (batch.segments <= slots).all() and slots <= 2
+        assert batch.member_tokens.shape[2] == ic.batch_size * length
         for c, s in enumerate(range(start, stop)):
             for k, b in zip(*np.nonzero(plan.batch_index_KxSxB[:, s] >= 0)):
                 if not plan.active_KxS[k, s]:
@@ -105,9 +106,12 @@ def test_packed_gather_holds_every_candidate_sequence_with_its_adapter_and_targe
                 np.testing.assert_array_equal(batch.tokens[c, row, col:col + size],
                                               plan.tokens_KxNxT[k, n, :size])
                 assert (batch.segments[c, row, col:col + size] == slot + 1).all()
-                assert batch.row_adapters[c, row, slot] == k
-                # The step updates its members only, and the slot names the candidate's member.
-                assert batch.members[c, batch.row_members[c, row, slot]] == k
+                # The step updates its members only, and the candidate's member lists the
+                # sequence's tokens (its b-th block of T places) for its adapter.
+                member = int(np.flatnonzero(batch.members[c] == k)[0])
+                np.testing.assert_array_equal(
+                    batch.member_tokens[c, member, b * length: b * length + size],
+                    row * length + col + np.arange(size))
                 # Targets as in the candidate's own row, except its first token (no prefix).
                 assert batch.loss_mask[c, row, col] == 0
                 np.testing.assert_array_equal(batch.loss_mask[c, row, col + 1:col + size],
@@ -118,6 +122,7 @@ def test_packed_gather_holds_every_candidate_sequence_with_its_adapter_and_targe
                    for s in range(start, stop) for k, b in zip(*np.nonzero(plan.batch_index_KxSxB[:, s] >= 0))
                    if plan.active_KxS[k, s])
         assert int((batch.segments > 0).sum()) == real
+        assert int((batch.member_tokens < rows * length).sum()) == real  # and no other token listed
         # Members: exactly the candidates active at each step, ascending, then distinct places
         # out of range (never written back); at most one per slot.
         assert batch.members.shape == (ic.steps_per_chunk, min(plan.num_candidates, rows * slots))

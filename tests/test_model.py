@@ -193,39 +193,52 @@ def test_grouped_lora_equals_per_group_shared_and_vmap(qwen):
         fwd(params, tokens[:4], cfg=cfg, lora=grouped, lora_cfg=lora_cfg)
 
 
-def test_packed_rows_with_per_segment_adapters_equal_each_sequence_alone(qwen):
+def test_packed_rows_with_per_token_adapters_equal_each_sequence_alone(qwen):
     cfg, params = qwen
     lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
-    adapters = random_lora(cfg, lora_cfg, jax.random.key(9), groups=3)  # [L, K=3, ...]
+    adapters = random_lora(cfg, lora_cfg, jax.random.key(9), groups=3)  # [L, G=3, ...]
     rng = np.random.default_rng(2)
     seqs = [rng.integers(3, cfg.vocab_size, n) for n in (7, 5, 9, 3, 4)]
-    owner = [0, 2, 1, 2, 2]  # candidate 2 twice in row 0 and once in row 1
-    place = [(0, 0, 0), (0, 7, 1), (1, 0, 0), (1, 9, 1), (0, 12, 2)]  # (row, column, segment slot)
-    tokens = np.zeros((2, 16), np.int32)
-    segments = np.zeros((2, 16), np.int32)
-    rows = np.zeros((2, 3), np.int32)
-    for (r, col, slot), seq, k in zip(place, seqs, owner):
+    owner = [0, 2, 1, 2, 2]  # adapter 2 has three sequences: two in row 0 and one in row 1
+    place = [(0, 0), (0, 7), (1, 0), (1, 9), (0, 12)]  # (row, column)
+    width = 16
+    tokens = np.zeros((2, width), np.int32)
+    segments = np.zeros((2, width), np.int32)
+    lists = [[] for _ in range(3)]
+    for j, ((r, col), seq, g) in enumerate(zip(place, seqs, owner)):
         tokens[r, col:col + len(seq)] = seq
-        segments[r, col:col + len(seq)] = slot + 1
-        rows[r, slot] = k
+        segments[r, col:col + len(seq)] = j + 1
+        lists[g].extend(r * width + col + np.arange(len(seq)))
+    # Each adapter's token list in any order, padded with entries that name no token (out of range
+    # on either side).
+    group_tokens = np.full((3, 20), 2 * width, np.int32)
+    for g, toks in enumerate(lists):
+        group_tokens[g, :len(toks)] = rng.permutation(toks)
+    group_tokens[0, -1] = -1
     out = fwd(params, jnp.asarray(tokens), cfg=cfg, lora=adapters, lora_cfg=lora_cfg,
-              segment_ids_BxT=jnp.asarray(segments), lora_rows_BxM=jnp.asarray(rows))
-    for (r, col, _), seq, k in zip(place, seqs, owner):
+              segment_ids_BxT=jnp.asarray(segments), lora_tokens_GxN=jnp.asarray(group_tokens))
+    for (r, col), seq, g in zip(place, seqs, owner):
         alone = fwd(params, jnp.asarray(seq)[None], cfg=cfg,
-                    lora=jax.tree.map(lambda x: x[:, k], adapters), lora_cfg=lora_cfg)[0]
-        assert_close_scaled(out[r, col:col + len(seq)], alone, eps_multiple=128, what=f"segment of {k}")
-    # The same adapters already laid out per slot ([L, B, M, ...], as the inner loop gathers them
-    # once per step): the same function.
-    per_slot = jax.tree.map(lambda x: x[:, rows], adapters)
-    slot_out = fwd(params, jnp.asarray(tokens), cfg=cfg, lora=per_slot, lora_cfg=lora_cfg,
-                   segment_ids_BxT=jnp.asarray(segments), lora_rows_BxM=jnp.asarray(rows))
-    assert_close_scaled(slot_out, out, eps_multiple=16, what="per-slot layout")
-    with pytest.raises(ValueError, match="per slot"):
-        fwd(params, jnp.asarray(tokens), cfg=cfg, lora=per_slot, lora_cfg=lora_cfg,
-            segment_ids_BxT=jnp.asarray(segments), lora_rows_BxM=jnp.asarray(rows[:, :2]))
+                    lora=jax.tree.map(lambda x: x[:, g], adapters), lora_cfg=lora_cfg)[0]
+        assert_close_scaled(out[r, col:col + len(seq)], alone, eps_multiple=128, what=f"segment of {g}")
+    # Gradients reach each adapter from its own tokens only: a loss on adapter 1's sequence alone
+    # leaves the other adapters' gradients zero.
+    def loss(lora):
+        logits = fwd(params, jnp.asarray(tokens), cfg=cfg, lora=lora, lora_cfg=lora_cfg,
+                     segment_ids_BxT=jnp.asarray(segments), lora_tokens_GxN=jnp.asarray(group_tokens))
+        return jnp.sum(logits[1, 0:9] ** 2)
+
+    grads = jax.grad(loss)(adapters)
+    for target in lora_cfg.targets:
+        a_grad = np.asarray(grads[target]["a"], np.float32)
+        assert np.abs(a_grad[:, 1]).max() > 0
+        assert not a_grad[:, [0, 2]].any()
+    with pytest.raises(ValueError, match="lists tokens of 2 adapters"):
+        fwd(params, jnp.asarray(tokens), cfg=cfg, lora=adapters, lora_cfg=lora_cfg,
+            segment_ids_BxT=jnp.asarray(segments), lora_tokens_GxN=jnp.asarray(group_tokens[:2]))
     with pytest.raises(ValueError, match="segment_ids"):
         fwd(params, jnp.asarray(tokens), cfg=cfg, lora=adapters, lora_cfg=lora_cfg,
-            lora_rows_BxM=jnp.asarray(rows))
+            lora_tokens_GxN=jnp.asarray(group_tokens))
 
 
 def test_grouped_lora_decode_matches_full_forward(qwen):
