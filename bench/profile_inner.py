@@ -55,6 +55,47 @@ def classify(name: str) -> str:
     return "other"
 
 
+def gpu_kernel_times(run) -> tuple[collections.Counter, collections.Counter]:
+    """Trace one call of `run()`; per kernel name: (total GPU microseconds, launches).
+
+    Uses jax.profiler's perfetto trace (Chrome trace JSON) and keeps the events on GPU stream tracks.
+    """
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run()
+    files = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    events = json.load(gzip.open(files[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name"):
+            names[(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None)] = e["args"]["name"]
+    per_kernel = collections.Counter()
+    counts = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        thread = names.get((e.get("pid"), e.get("tid")), "")
+        if "stream" not in thread.lower():
+            continue
+        per_kernel[e["name"]] += e["dur"]
+        counts[e["name"]] += 1
+    return per_kernel, counts
+
+
+def parse_value(text: str):
+    """A --inner value: true/false/none, a number, or the string itself."""
+    words = {"true": True, "false": False, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -68,30 +109,34 @@ def main(argv=None):
     ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (0: every layer)")
     ap.add_argument("--attention", default="xla", help="ModelConfig.attention_impl: xla, cudnn or auto")
     ap.add_argument("--inner", action="append", default=[], metavar="KEY=VALUE",
-                    help="InnerConfig override for --self-edits (e.g. pack_row_segments=8); repeatable")
+                    help="InnerConfig override (e.g. pack_row_segments=8, remat=true); repeatable")
+    ap.add_argument("--saved-residuals", default="dots", help="ModelConfig.saved_residuals: dots or all")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.model).replace(param_dtype="bfloat16", compute_dtype="bfloat16")
-    cfg = cfg.replace(scan_unroll=args.scan_unroll or cfg.num_layers, attention_impl=args.attention)
+    cfg = cfg.replace(scan_unroll=args.scan_unroll or cfg.num_layers, attention_impl=args.attention,
+                      saved_residuals=args.saved_residuals)
     params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     lora_cfg = LoraConfig(rank=32, alpha=64.0, targets=("q", "v"))
+    if args.self_edits:
+        icfg = inner.InnerConfig(epochs=args.epochs, append_eos=True)  # the knowledge config's
+    else:
+        icfg = inner.InnerConfig(epochs=args.epochs, shuffle=args.shuffle,
+                                 length_buckets=tuple(int(b) for b in args.buckets.split(",")))
+    for item in args.inner:
+        key, value = item.split("=", 1)
+        icfg = icfg.replace(**{key: parse_value(value)})
     if args.self_edits:
         from inner_selfedits import candidates as selfedit_candidates  # noqa: PLC0415
         from seal_jax.model.loading import load_tokenizer  # noqa: PLC0415
         tokenizer = load_tokenizer(args.tokenizer)
-        icfg = inner.InnerConfig(epochs=args.epochs, append_eos=True)  # the knowledge config's
-        for item in args.inner:
-            key, value = item.split("=", 1)
-            icfg = icfg.replace(**{key: type(getattr(icfg, key))(value)})
         cands = selfedit_candidates(tokenizer, args.self_edits, 50, 5, 3)
         hparams = inner.pin_seeds(None, len(cands))
         group = inner.group_candidates(cands, hparams, icfg, args.k)[args.group]
         plan = inner.build_plan([cands[i] for i in group], [hparams[i] for i in group], icfg,
                                 pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
     else:
-        icfg = inner.InnerConfig(epochs=args.epochs, shuffle=args.shuffle,
-                                 length_buckets=tuple(int(b) for b in args.buckets.split(",")))
         plan = inner.build_plan(make_candidates(args.k, cfg.vocab_size),
                                 [{"seed": k} for k in range(args.k)], icfg, pad_id=0)
     # The call's programs compile as the E-step compiles them (threads, in first-use order): the
@@ -109,30 +154,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     run()
     wall = time.perf_counter() - t0
-    trace_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        run()
-    files = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
-    events = json.load(gzip.open(files[0]))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") in ("thread_name", "process_name"):
-            names[(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None)] = e["args"]["name"]
-    per_kernel = collections.Counter()
-    counts = collections.Counter()
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        proc = names.get((e.get("pid"), None), "")
-        thread = names.get((e.get("pid"), e.get("tid")), "")
-        if "gpu" not in (proc + thread).lower() and "stream" not in thread.lower():
-            continue
-        if "stream" not in thread.lower():
-            continue
-        per_kernel[e["name"]] += e["dur"]
-        counts[e["name"]] += 1
-    total_us = sum(per_kernel.values())
+    per_kernel, counts = gpu_kernel_times(run)
     by_class = collections.Counter()
     for name, us in per_kernel.items():
         by_class[classify(name)] += us
@@ -143,14 +165,14 @@ def main(argv=None):
         "model": args.model, "k": args.k, "scan_unroll": cfg.scan_unroll, "steps": steps, "wall_s": wall,
         "workload": "self-edits, call %d" % args.group if args.self_edits else "uniform",
         "token_counts": {k: round(float(v), 4) for k, v in plan.token_counts().items()},
-        "attention": args.attention, "inner_overrides": args.inner, "programs": programs, "precompile_s": round(precompile_s, 1),
+        "attention": args.attention, "saved_residuals": cfg.saved_residuals, "inner_overrides": args.inner, "programs": programs, "precompile_s": round(precompile_s, 1),
         # Each candidate's loss at its last step: compared between runs of other settings (e.g.
         # attention implementations), it shows they train the same function.
         "last_losses": [None if v is None else round(v, 5) for v in (
             next((float(x) for x in reversed(row) if x == x), None) for row in first.losses)],
         "kernels_per_step": round(kernels / steps, 1), "memcpy_calls": memcpy,
-        "gpu_busy_s": total_us / 1e6, "ms_per_step_wall": 1e3 * wall / steps,
-        "ms_per_step_gpu": total_us / 1e3 / steps,
+        "gpu_busy_s": sum(per_kernel.values()) / 1e6, "ms_per_step_wall": 1e3 * wall / steps,
+        "ms_per_step_gpu": sum(per_kernel.values()) / 1e3 / steps,
         "by_class_ms_per_step": {k: round(v / 1e3 / steps, 3) for k, v in by_class.most_common()},
         "top_kernels": [{"name": n[:160], "ms_per_step": round(us / 1e3 / steps, 3), "calls": counts[n]}
                         for n, us in per_kernel.most_common(40)],

@@ -35,6 +35,7 @@ t)`, whichever row it occupies and whoever shares its batch.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Optional
 
@@ -147,11 +148,37 @@ def resize(state: State, *, capacity: int) -> State:
     return {**state, "k": tuple(map(fit, state["k"])), "v": tuple(map(fit, state["v"]))}
 
 
+# Projections that read the same input, fused into one matmul per group by `split_layers`.
+FUSED_PROJECTIONS = {"attn": ("qkv", ("q", "k", "v")), "mlp": ("gate_up", ("gate", "up"))}
+
+
+def _fuse(projections: list) -> dict:
+    """One projection whose output is the given ones' outputs side by side (kernels and biases
+    concatenated on the output axis; a missing bias is zeros)."""
+    fused = {"kernel": jnp.concatenate([w["kernel"] for w in projections], axis=-1)}
+    if any("bias" in w for w in projections):
+        fused["bias"] = jnp.concatenate(
+            [w["bias"] if "bias" in w else jnp.zeros(w["kernel"].shape[-1:], w["kernel"].dtype)
+             for w in projections], axis=-1)
+    return fused
+
+
 @compile_cache.cached_jit(name="decode_split_layers")
 def split_layers(layers: Any) -> tuple:
-    """Stacked `[L, ...]` layer params -> a tuple of L per-layer trees (one copy, once per call)."""
+    """Stacked `[L, ...]` layer params -> a tuple of L per-layer trees (one copy, once per call), with
+    q/k/v and gate/up each fused into one kernel ("qkv", "gate_up"; `FUSED_PROJECTIONS`).
+
+    Fused here, once, because XLA otherwise merges those matmuls itself inside the decode loop and
+    concatenates their weights again at every step (on an H200, 7B: 0.52 of 6.0 ms a step)."""
     num_layers = jax.tree.leaves(layers)[0].shape[0]
-    return tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers))
+    split = []
+    for i in range(num_layers):
+        layer = jax.tree.map(lambda x, i=i: x[i], layers)
+        for group, (fused, names) in FUSED_PROJECTIONS.items():
+            rest = {name: w for name, w in layer[group].items() if name not in names}
+            layer[group] = {**rest, fused: _fuse([layer[group][name] for name in names])}
+        split.append(layer)
+    return tuple(split)
 
 
 def _gather_adapters(lora_LxK, adapters_G):
@@ -257,13 +284,27 @@ def _project(x, w, lora_ab, cfg: ModelConfig, lora_cfg: Optional[LoraConfig]):
     if "bias" in w:
         y = y + w["bias"].astype(cfg.dtype)
     if lora_ab is not None:
-        a, b = lora_ab["a"].astype(x.dtype), lora_ab["b"].astype(x.dtype)
-        groups, batch = a.shape[0], x.shape[0]
-        x_GxRxTxI = x.reshape(groups, batch // groups, *x.shape[1:])
-        h = jnp.einsum("gbti,gir->gbtr", x_GxRxTxI, a)
-        delta = jnp.einsum("gbtr,gro->gbto", h, b).reshape(batch, *x.shape[1:-1], b.shape[-1])
-        y = y + (lora_cfg.scale * delta).astype(cfg.dtype)
+        y = y + _lora_delta(x, lora_ab, cfg, lora_cfg)
     return y
+
+
+def _lora_delta(x, lora_ab, cfg: ModelConfig, lora_cfg: LoraConfig):
+    """scale * x @ A @ B, row group g (of G equal groups of rows) with adapter g."""
+    a, b = lora_ab["a"].astype(x.dtype), lora_ab["b"].astype(x.dtype)
+    groups, batch = a.shape[0], x.shape[0]
+    x_GxRxTxI = x.reshape(groups, batch // groups, *x.shape[1:])
+    h = jnp.einsum("gbti,gir->gbtr", x_GxRxTxI, a)
+    delta = jnp.einsum("gbtr,gro->gbto", h, b).reshape(batch, *x.shape[1:-1], b.shape[-1])
+    return (lora_cfg.scale * delta).astype(cfg.dtype)
+
+
+def _fused_project(x, w, names, widths, lora, cfg: ModelConfig, lora_cfg: Optional[LoraConfig]):
+    """The outputs of projections `names` from their fused kernel (`split_layers`), each with its
+    own adapter delta where it has one."""
+    y = _project(x, w, None, cfg, None)
+    outs = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
+    return tuple(out if name not in lora else out + _lora_delta(x, lora[name], cfg, lora_cfg)
+                 for name, out in zip(names, outs))
 
 
 def _decode_step(weights, lora_layers, state: State, *, cfg: ModelConfig,
@@ -281,15 +322,15 @@ def _decode_step(weights, lora_layers, state: State, *, cfg: ModelConfig,
 
     x = jnp.take(weights["embedding"], state["tok"][:, None], axis=0).astype(cfg.dtype)  # [B, 1, D]
     new_k, new_v = [], []
+    qkv_widths = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
     for i, w in enumerate(weights["layers"]):
         lora = {} if lora_layers is None else lora_layers[i]
         proj = lambda h, name, group: _project(h, w[group][name], lora.get(name), cfg, lora_cfg)
         h = _rms_norm(x, w["attn_norm"]["scale"], cfg)
-        q = transformer.apply_rope(proj(h, "q", "attn").reshape(batch, 1, cfg.num_heads, cfg.head_dim),
-                                   cos, sin)
-        k = transformer.apply_rope(
-            proj(h, "k", "attn").reshape(batch, 1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = proj(h, "v", "attn").reshape(batch, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = _fused_project(h, w["attn"]["qkv"], ("q", "k", "v"), qkv_widths, lora, cfg, lora_cfg)
+        q = transformer.apply_rope(q.reshape(batch, 1, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = transformer.apply_rope(k.reshape(batch, 1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(batch, cfg.num_kv_heads, cfg.head_dim)
         k_cache = state["k"][i].at[row_B, :, slot_B].set(k[:, 0].astype(state["k"][i].dtype))
         v_cache = state["v"][i].at[row_B, :, slot_B].set(v.astype(state["v"][i].dtype))
         new_k.append(k_cache)
@@ -302,7 +343,9 @@ def _decode_step(weights, lora_layers, state: State, *, cfg: ModelConfig,
         attn = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(cfg.dtype))
         x = x + proj(attn.reshape(batch, 1, cfg.q_dim).astype(cfg.dtype), "o", "attn")
         h = _rms_norm(x, w["mlp_norm"]["scale"], cfg)
-        mlp = jax.nn.silu(proj(h, "gate", "mlp")) * proj(h, "up", "mlp")
+        gate, up = _fused_project(h, w["mlp"]["gate_up"], ("gate", "up"),
+                                  (cfg.intermediate_size, cfg.intermediate_size), lora, cfg, lora_cfg)
+        mlp = jax.nn.silu(gate) * up
         x = x + proj(mlp, "down", "mlp")
     x = _rms_norm(x, weights["final_norm"], cfg)
     logits = jnp.einsum("btd,dv->btv", x, weights["head"].astype(cfg.dtype))

@@ -18,7 +18,7 @@ from seal_jax.sampling import (Generation, SamplingParams, _resolve_stop_ids, ge
 from random_lora import random_lora
 
 NO_STOP = SamplingParams(max_new_tokens=12, stop_ids=())
-LORA_CFG = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+LORA_CFG = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "up", "down"))  # both fused groups of a decode step
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
