@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from seal_jax import inner, sharding  # noqa: E402
 from seal_jax import lora as lora_lib  # noqa: E402
 from seal_jax.model import transformer  # noqa: E402
-from seal_jax.model.config import LoraConfig  # noqa: E402
+from seal_jax.model.config import LoraConfig, ModelConfig  # noqa: E402
 from seal_jax.model.presets import get_preset  # noqa: E402
 
 LINE_LEN, N_LINES, PASSAGE_LEN = 48, 11, 180
@@ -144,6 +144,8 @@ def main(argv=None):
                     help="reference_faithful: every sequence padded to 2048 with EOS targets "
                          "(the peer's 'seal' mode; use with --attention cudnn and/or --remat)")
     ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--saved-residuals", default=ModelConfig.saved_residuals,
+                    help="ModelConfig.saved_residuals, comma-separated to compare (dots, all)")
     ap.add_argument("--mesh", default="", help="e.g. candidate=2 or candidate=4,fsdp=2 (default: 1 device)")
     ap.add_argument("--peak-n", type=int, default=0, help="matmul size for the peak (default by backend)")
     ap.add_argument("--keep-cache", action="store_true",
@@ -180,7 +182,10 @@ def main(argv=None):
                 transformer.param_logical_axes(cfg), mesh, sharding.DEFAULT_RULES, params))
         jax.block_until_ready(params)
         init_s = time.perf_counter() - t0
-        for shuffle, packing in ((s, p) for s in args.shuffle.split(",") for p in args.packing.split(",")):
+        series = [(s, p, r) for s in args.shuffle.split(",") for p in args.packing.split(",")
+                  for r in args.saved_residuals.split(",")]
+        for shuffle, packing, residuals in series:
+            cfg = cfg.replace(saved_residuals=residuals)
             inner_cfg = inner.InnerConfig(
                 batch_size=1, epochs=args.epochs, learning_rate=1e-3,
                 length_buckets=tuple(int(b) for b in args.buckets.split(",")),
@@ -195,7 +200,7 @@ def main(argv=None):
                     continue
                 row = {"model": model, "params": cfg.num_params(),
                        "lora_params": lora_lib.lora_num_params(cfg, lora_cfg), "shuffle": shuffle,
-                       "packing": packing,
+                       "packing": packing, "saved_residuals": residuals,
                        "init_s": round(init_s, 2), **common}
                 if not args.keep_cache:
                     inner.clear_compiled()

@@ -48,6 +48,10 @@ def base_config():
     # "auto" (cuDNN on CUDA GPUs where it applies, XLA elsewhere). cuDNN is faster but opt-in:
     # kernels/README.md says why.
     c.attention_impl = ""
+    # What a layer keeps for its backward pass: "dots" (matmul outputs; the elementwise values are
+    # recomputed, ~half the bytes) or "all" (everything autodiff keeps). The same training up to float
+    # rounding; on an H200 "dots" made the 7B inner loop 5% faster (ModelConfig.saved_residuals).
+    c.saved_residuals = "dots"
     c.chat = True  # the policy is an instruct model: use the chat prompt variants
 
     # Devices: mesh axes (-1 = all remaining devices) and logical-axis rules (sharding as data; see

@@ -27,7 +27,7 @@ from seal_jax.config import ConfigError, to_dataclass
 from seal_jax.domain import Domain
 from seal_jax.engine import Engine, EngineSettings
 from seal_jax.estep import done_records
-from seal_jax.model.config import LoraConfig
+from seal_jax.model.config import SAVED_RESIDUALS, LoraConfig
 from seal_jax.model.transformer import ATTENTION_IMPLS
 from seal_jax.rest_em import RoundConfig
 
@@ -150,6 +150,10 @@ def build_engine(c, engine_cls: type = Engine) -> Engine:
     if attention not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention!r}")
     cfg = cfg.replace(attention_impl=attention)
+    residuals = c.get("saved_residuals", cfg.saved_residuals)
+    if residuals not in SAVED_RESIDUALS:
+        raise ConfigError(f"saved_residuals must be one of {SAVED_RESIDUALS}, got {residuals!r}")
+    cfg = cfg.replace(saved_residuals=residuals)
     if tokenizer is None:
         raise ConfigError(f"model {c.model!r} has no tokenizer; set tokenizer='embedded', a .gguf or an "
                           "HF dir with tokenizer.json")

@@ -378,7 +378,12 @@ def _activation_bytes(cfg: ModelConfig, tokens: int, *, remat: bool = False) -> 
     """A floor on what a training step keeps for its backward pass over `tokens` tokens (all
     candidates): without remat, per token and layer 8 hidden-wide and 6 MLP-wide tensors in the
     compute dtype (the matmul inputs and outputs a LoRA layer saves; real plans measured 1.3-1.7x
-    this); with remat, each layer's input plus one layer's worth recomputed at a time."""
+    this); with remat, each layer's input plus one layer's worth recomputed at a time.
+
+    Counted for `saved_residuals="all"` also when the model keeps only its matmul outputs ("dots",
+    the default, about half the bytes): the K a call gets and the programs compiled without remat are
+    chosen as in the rounds measured before "dots" existed, and each compiled program's own memory
+    analysis still decides its remat."""
     size = jnp.dtype(cfg.dtype).itemsize
     per_token_layer = (8 * cfg.hidden_size + 6 * cfg.intermediate_size) * size
     if remat:

@@ -43,7 +43,7 @@ _fresh_runs: list["RunDir"] = []  # created by this process (see discard_unprodu
 # Keys that choose how fast the same computation runs (the same function to float rounding). They
 # are safe to change on resume also for runs created before they existed, whatever the run's marker
 # lists: a run from before `attention_impl` resumes under a config that now sets it.
-SPEED_ONLY_KEYS: tuple[str, ...] = ("attention_impl", "inner.pack_merge_share")
+SPEED_ONLY_KEYS: tuple[str, ...] = ("attention_impl", "inner.pack_merge_share", "saved_residuals")
 
 # Keys whose change does not alter any result already on disk: more (or fewer) rounds continue the
 # same sequence of rounds; the rest are cosmetic or say where the run is. fnmatch patterns.

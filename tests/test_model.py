@@ -298,6 +298,42 @@ def test_lora_dropout_uses_rng_and_remat_keeps_gradients():
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_plain))
 
 
+def test_dots_residuals_give_the_same_gradients_from_fewer_saved_bytes(qwen):
+    """saved_residuals="dots" (the default) keeps only matmul outputs for the backward pass and
+    recomputes the rest: the same gradients, from well under the bytes of keeping everything."""
+    cfg, params = qwen
+    tokens = jax.random.randint(jax.random.key(12), (2, 24), 0, cfg.vocab_size)
+
+    def loss(lora, params, lora_cfg, cfg):
+        logits = T.forward(params, tokens, cfg=cfg, lora=lora, lora_cfg=lora_cfg)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "up"))
+    lora = random_lora(cfg, lora_cfg, jax.random.key(11))
+    grad = jax.jit(jax.grad(loss), static_argnums=(2, 3))
+    want = grad(lora, params, lora_cfg, cfg.replace(saved_residuals="all"))
+    got = grad(lora, params, lora_cfg, cfg.replace(saved_residuals="dots"))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert_close_scaled(b, a, eps_multiple=64, what="dots vs all grad")
+
+    # Bytes kept, as training runs (bfloat16): the backward function closes over exactly the
+    # residuals its forward pass kept, plus the (frozen) params, which are left out of the count.
+    cfg16 = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    param_ids = {id(x) for x in jax.tree.leaves(params16)}
+    qv_cfg = LoraConfig(rank=4, alpha=8.0, targets=("q", "v"))
+    qv_lora = random_lora(cfg, qv_cfg, jax.random.key(13))
+    saved = {}
+    for mode in ("dots", "all"):
+        _, backward = jax.vjp(functools.partial(loss, params=params16, lora_cfg=qv_cfg,
+                                                cfg=cfg16.replace(saved_residuals=mode)), qv_lora)
+        saved[mode] = sum(x.nbytes for x in jax.tree.leaves(backward)
+                          if hasattr(x, "nbytes") and id(x) not in param_ids)
+    assert saved["dots"] < 0.7 * saved["all"], saved  # 0.56 when written
+    with pytest.raises(ValueError, match="saved_residuals"):
+        cfg.replace(saved_residuals="some")
+
+
 def test_bfloat16_forward_is_close_to_float32():
     cfg32, params32 = preset_params("tiny-qwen2")
     cfg16 = cfg32.replace(param_dtype="bfloat16", compute_dtype="bfloat16")

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import jax.numpy as jnp
 
 ARCHITECTURES = ("llama", "qwen2")
+SAVED_RESIDUALS = ("dots", "all")  # ModelConfig.saved_residuals
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -44,6 +45,13 @@ class ModelConfig:
     param_dtype: str = "bfloat16"  # storage dtype of the frozen base
     compute_dtype: str = "bfloat16"  # activations / matmul inputs
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # What a layer keeps for its backward pass when `remat` is off. "dots": the matmul outputs only;
+    # the elementwise values (norms, float32 copies, rotary, softmax, SiLU) are recomputed inside the
+    # backward's fusions, which read the saved matmul outputs anyway. "all": whatever JAX's autodiff
+    # keeps. On a 7B LoRA step "all" keeps ~2.7x the bytes (five MLP-wide tensors a layer instead of
+    # two), and writing and reading them back was ~10% of the step (bench/results/round_h200.md,
+    # 2026-12-04, ninth session). Both compute the same values.
+    saved_residuals: str = "dots"
     # Layers per iteration of the layer scan. 1 keeps compile time flat in depth; larger values let
     # XLA address each layer's weights directly instead of slicing them out of the stacked arrays.
     scan_unroll: int = 1
@@ -60,6 +68,8 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {self.architecture!r}; seal_jax supports {ARCHITECTURES}"
             )
+        if self.saved_residuals not in SAVED_RESIDUALS:
+            raise ValueError(f"saved_residuals must be one of {SAVED_RESIDUALS}, got {self.saved_residuals!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

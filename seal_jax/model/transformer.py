@@ -7,7 +7,8 @@ dict and every function takes them as an argument, so `jax.jit` / `jax.vmap` com
 Layout choices, and why:
 * Layers run under `nn.scan`: their weights are stacked on a leading `L` axis and the compiled program
   contains the layer body once, so compile time does not grow with depth (28 layers for Qwen2.5-7B).
-  `cfg.remat` wraps the layer in `nn.remat` to trade recompute for activation memory.
+  `cfg.remat` wraps the layer in `nn.remat` to trade recompute for activation memory;
+  `cfg.saved_residuals="dots"` (the default) saves only its matmul outputs for the backward pass.
 * LoRA is *not* a linen variable. It is a separate pytree passed through the scan as a scanned input,
   so the frozen base (`params`) and the adapters stay apart and `jax.vmap` can map over `lora` while
   `params` are shared (one resident base, K candidate adapters).
@@ -398,6 +399,9 @@ class Transformer(nn.Module):
         layer = DecoderLayer
         if cfg.remat:
             layer = nn.remat(layer, prevent_cse=False)
+        elif cfg.saved_residuals == "dots":
+            # Not differentiated (decoding, scoring), this is the plain layer.
+            layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
         layers = nn.scan(layer, variable_axes={"params": 0},
                          split_rngs={"params": True, "dropout": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers,

@@ -18,6 +18,7 @@ TABLE_CONDITIONS = ("base", "passage_only", "self_edits", "file")
 
 
 def knowledge_rules() -> dict[str, V.Check]:
+    from seal_jax.model.config import SAVED_RESIDUALS
     from seal_jax.model.transformer import ATTENTION_IMPLS
     from seal_jax.rest_em import SELECTIONS
     from seal_jax.tasks.knowledge.data import TRAIN_ORDERS
@@ -32,6 +33,7 @@ def knowledge_rules() -> dict[str, V.Check]:
         "model": V.model_spec(), "tokenizer": V.tokenizer_spec(),
         "param_dtype": V.dtype_name(), "compute_dtype": V.dtype_name(), "scan_unroll": V.integer(ge=0),
         "attention_impl": V.string(choices=("",) + ATTENTION_IMPLS),
+        "saved_residuals": V.string(choices=SAVED_RESIDUALS),
         "chat": V.boolean(),
         "data.source": V.string(choices=DATA_SOURCES), "data.path": V.existing_path(kind="file"),
         "data.hf_name": V.string(), "data.hf_split": V.string(), "data.split_seed": V.integer(ge=0),
