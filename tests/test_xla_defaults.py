@@ -5,7 +5,8 @@ import sys
 
 from seal_jax import xla_defaults
 
-ALL = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
+ALL = ("--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0 "
+       "--xla_gpu_enable_dynamic_slice_fusion=false")
 
 
 def test_defaults_are_added_to_other_flags():
@@ -17,10 +18,11 @@ def test_defaults_are_added_to_other_flags():
 
 def test_a_flag_the_user_sets_is_kept_as_set():
     assert xla_defaults.with_defaults(" --xla_gpu_enable_triton_gemm=true ") == \
-        "--xla_gpu_enable_triton_gemm=true --xla_gpu_autotune_level=0"
+        "--xla_gpu_enable_triton_gemm=true --xla_gpu_autotune_level=0 --xla_gpu_enable_dynamic_slice_fusion=false"
     assert xla_defaults.with_defaults("--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm "
                                       "--xla_gpu_enable_command_buffer=") == \
-        "--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm --xla_gpu_enable_command_buffer="
+        "--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm --xla_gpu_enable_command_buffer= " \
+        "--xla_gpu_enable_dynamic_slice_fusion=false"
 
 
 def test_importing_seal_jax_sets_the_flags_before_jax_starts():
