@@ -8,6 +8,8 @@
 #                                                      pre-optax tree) and vs the PyTorch peer; decode
 #   bench/gpu_calls.sh gemm-flag carry [.peer]          the 7B inner loop with Triton GEMMs and with
 #                                                      cuBLAS (the default), and the peer
+#   bench/gpu_calls.sh decode-inner carry [.whl, .peer]  decode profile + benchmark, the 7B inner loop per
+#                                                      INNER_XLA_FLAGS entry, its profile, the peer
 #   bench/gpu_calls.sh profile  carry [.peer, .tok]    bench/profile_inner.py on the round's first call
 #   bench/gpu_calls.sh round MODELS  carry [.peer]     bench/round.py (+ bench/round_peer.py with PEER=1);
 #                                                      ROUND_REPEAT=1 runs each model twice (the second
@@ -66,6 +68,24 @@ gemm-flag)
     env $kernel_env XLA_FLAGS="$flags" timeout 240 python3 bench/inner_loop.py --models qwen2.5-7b --ks ${GEMM_KS:-16} \
         --shuffle aligned --out "$OUT/inner_gemm_flag.jsonl" 2>&1 | grep -E "^\{|K=|Error" | tail -n 4
   done
+  (cd "$OUT" && timeout 120 python3 "$OLDPWD/.peer/peer_inner_loop.py" qwen2.5-7b seal 2 2>&1 | grep -E "candidate|^\{" | tail -n 4) ;;
+decode-inner)
+  # Issue 8 (2026-12-04, ninth session): the decode step profiled (bench/profile_decode.py) and
+  # benchmarked (uniform case), then the 7B inner loop at default settings in a fresh process per
+  # entry of INNER_XLA_FLAGS ('|'-separated; an empty entry is seal_jax's defaults), profiled with
+  # the last entry, and the peer in the same call. Carry [.whl, .peer].
+  env $kernel_env timeout 120 python3 bench/profile_decode.py --out "$OUT/profile_decode_7b_topp${TAG:-}.json" 2>&1 \
+      | grep -v Warning | tail -n 24
+  env $kernel_env timeout 150 python3 bench/decode.py --preset qwen2.5-7b --ragged-requests 0 \
+      --out "$OUT/decode_7b${TAG:-}.json" 2>&1 | grep -E "^\{" | tail -n 6
+  IFS='|' read -r -a flag_sets <<< "${INNER_XLA_FLAGS:-}"
+  for flags in "${flag_sets[@]:-}"; do
+    env $kernel_env XLA_FLAGS="$flags" timeout 150 python3 bench/inner_loop.py --models qwen2.5-7b --ks 32 \
+        --shuffle aligned --out "$OUT/inner_loop_7b${TAG:-}.jsonl" 2>&1 | grep -E "^\{|K=|Error" | tail -n 3
+  done
+  env $kernel_env XLA_FLAGS="${flags:-}" timeout 150 python3 bench/profile_inner.py --model qwen2.5-7b --k 32 \
+      --shuffle aligned --epochs 2 --buckets 16,32,48,64,96,128,192,256,384,512,768,1024,1536,2048 \
+      --out "$OUT/profile_inner_7b_k32${TAG:-}.json" 2>&1 | grep -E "ms_per_step|memcpy|kernels_per" | head -n 8
   (cd "$OUT" && timeout 120 python3 "$OLDPWD/.peer/peer_inner_loop.py" qwen2.5-7b seal 2 2>&1 | grep -E "candidate|^\{" | tail -n 4) ;;
 profile)
   # Issue 8: where a step of the round's first training call goes (GPU busy vs wall per step), on

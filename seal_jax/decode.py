@@ -7,7 +7,8 @@ H200), so the step is built to read each byte once:
   the layer loop is unrolled over the per-layer arrays. Slicing a layer out of a stacked array inside
   the step (what the model's layer scan does) makes XLA copy the slice every step, which moves the
   weights three times instead of once. The price is a second copy of the layer weights (sharded
-  like the first) while `generate` runs.
+  like the first) while `generate` runs. That copy holds q/k/v and gate/up as one kernel each
+  (XLA would otherwise merge those matmuls itself and concatenate their weights at every step).
 * The cache is one `[B, KV, S, Dh]` buffer per layer for k and for v: the layout a matmul batched over
   (row, kv head) reads without a transpose. Each step scatters one slot per row in place (the buffers
   are while-loop carries, and are donated from one call to the next).
