@@ -299,10 +299,12 @@ def _lora_delta(x, lora_ab, cfg: ModelConfig, lora_cfg: LoraConfig):
     return (lora_cfg.scale * delta).astype(cfg.dtype)
 
 
-def _fused_project(x, w, names, widths, lora, cfg: ModelConfig, lora_cfg: Optional[LoraConfig]):
-    """The outputs of projections `names` from their fused kernel (`split_layers`), each with its
-    own adapter delta where it has one."""
-    y = _project(x, w, None, cfg, None)
+def _fused_project(x, layer, group: str, lora, cfg: ModelConfig, lora_cfg: Optional[LoraConfig]):
+    """The outputs of a `FUSED_PROJECTIONS` group's projections from its fused kernel
+    (`split_layers`), each with its own adapter delta where it has one."""
+    fused, names = FUSED_PROJECTIONS[group]
+    y = _project(x, layer[group][fused], None, cfg, None)
+    widths = [cfg.projection_shape(name)[1] for name in names]
     outs = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
     return tuple(out if name not in lora else out + _lora_delta(x, lora[name], cfg, lora_cfg)
                  for name, out in zip(names, outs))
@@ -323,12 +325,11 @@ def _decode_step(weights, lora_layers, state: State, *, cfg: ModelConfig,
 
     x = jnp.take(weights["embedding"], state["tok"][:, None], axis=0).astype(cfg.dtype)  # [B, 1, D]
     new_k, new_v = [], []
-    qkv_widths = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
     for i, w in enumerate(weights["layers"]):
         lora = {} if lora_layers is None else lora_layers[i]
         proj = lambda h, name, group: _project(h, w[group][name], lora.get(name), cfg, lora_cfg)
         h = _rms_norm(x, w["attn_norm"]["scale"], cfg)
-        q, k, v = _fused_project(h, w["attn"]["qkv"], ("q", "k", "v"), qkv_widths, lora, cfg, lora_cfg)
+        q, k, v = _fused_project(h, w, "attn", lora, cfg, lora_cfg)
         q = transformer.apply_rope(q.reshape(batch, 1, cfg.num_heads, cfg.head_dim), cos, sin)
         k = transformer.apply_rope(k.reshape(batch, 1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, cfg.num_kv_heads, cfg.head_dim)
@@ -344,8 +345,7 @@ def _decode_step(weights, lora_layers, state: State, *, cfg: ModelConfig,
         attn = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(cfg.dtype))
         x = x + proj(attn.reshape(batch, 1, cfg.q_dim).astype(cfg.dtype), "o", "attn")
         h = _rms_norm(x, w["mlp_norm"]["scale"], cfg)
-        gate, up = _fused_project(h, w["mlp"]["gate_up"], ("gate", "up"),
-                                  (cfg.intermediate_size, cfg.intermediate_size), lora, cfg, lora_cfg)
+        gate, up = _fused_project(h, w, "mlp", lora, cfg, lora_cfg)
         mlp = jax.nn.silu(gate) * up
         x = x + proj(mlp, "down", "mlp")
     x = _rms_norm(x, weights["final_norm"], cfg)
